@@ -1,0 +1,56 @@
+"""The small exception hierarchy shared by every part of lightning_secagg.
+
+Callers catch :class:`SecAggError` for "anything this library refused or could
+not finish"; the subclasses let them tell apart a bad argument (fix your code),
+bad data (fix your model), and a round that failed on the network (retry).
+"""
+
+from __future__ import annotations
+
+
+class SecAggError(Exception):
+    """Base class of every error raised by lightning_secagg."""
+
+
+class ConfigurationError(SecAggError, ValueError):
+    """A parameter is out of range; the message names it, the allowed values and what was given."""
+
+
+class EncodingError(SecAggError, ValueError):
+    """A state dict cannot be encoded safely (NaN/Inf, overflow risk, unsupported dtype).
+
+    Raised before anything leaves the process, so a refused round never leaks
+    a partial share.
+    """
+
+
+class ProtocolError(SecAggError):
+    """A message broke the protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to do something the protocol forbids now (a bug on our side)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """A remote party sent something malformed or unexpected; it is dropped, never trusted."""
+
+
+class RoundFailedError(SecAggError):
+    """An aggregation round did not produce a result."""
+
+
+class RoundTimeoutError(RoundFailedError, TimeoutError):
+    """A round missed its deadline; the message says what the peer was still waiting for."""
+
+
+class RoundAbortedError(RoundFailedError):
+    """The scheduler aborted the round (another member failed or gave up)."""
+
+
+class SignupRejectedError(RoundFailedError):
+    """The scheduler refused our sign-up (e.g. the model schema differs from the session's)."""
+
+
+class SchemaMismatchError(SignupRejectedError, ValueError):
+    """The model's names, shapes or dtypes differ from those of the session's other peers."""

@@ -1,0 +1,391 @@
+"""The protocol's messages and the validation of their headers.
+
+Every message is a frozen dataclass. Its header fields are plain msgpack
+values checked by a per-field validator *before* any buffer is looked at;
+only :class:`Share`, :class:`Partial` and :class:`Result` carry a payload,
+a raw little-endian buffer that travels as its own ZeroMQ frame.
+
+Who sends what (see ``docs/protocol.md``)::
+
+    peer -> scheduler   Signup, Leave, Done, Abort
+    scheduler -> peer   SignupAck, SignupRejected, Assignment, Abort
+    peer -> peer        Share (up the tree), Partial (root exchange), Result (down)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+MAX_ID_LEN = 128
+MAX_ENDPOINT_LEN = 256
+MAX_REASON_LEN = 4096
+MAX_MEMBERS = 100_000
+MAX_SCHEMA_ENTRIES = 100_000
+MAX_NAME_LEN = 1024
+MAX_LEVELS = 64
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:@+\-]+$")
+_ENDPOINT_RE = re.compile(
+    r"^(tcp://[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}|ipc://[^\s]+|inproc://[^\s]+)$"
+)
+
+
+class HeaderError(ValueError):
+    """A header field is missing, of the wrong type, or out of bounds."""
+
+
+Validator = Callable[[Any], Any]
+
+
+def ident(value: Any) -> str:
+    """Peer ids, session names, round ids: short, printable, no spaces."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LEN or not _ID_RE.match(value):
+        raise HeaderError(
+            f"expected an identifier of 1-{MAX_ID_LEN} safe characters, got {value!r:.80}"
+        )
+    return value
+
+
+def endpoint(value: Any) -> str:
+    """A ZeroMQ endpoint another peer can connect to."""
+    if not isinstance(value, str) or len(value) > MAX_ENDPOINT_LEN or not _ENDPOINT_RE.match(value):
+        raise HeaderError(f"expected a tcp://, ipc:// or inproc:// endpoint, got {value!r:.80}")
+    return value
+
+
+def text(value: Any) -> str:
+    """Free text (reasons), bounded."""
+    if not isinstance(value, str) or len(value) > MAX_REASON_LEN:
+        raise HeaderError(f"expected text of at most {MAX_REASON_LEN} characters")
+    return value
+
+
+def integer(lo: int, hi: int) -> Validator:
+    """An int in ``[lo, hi]`` (bools refused)."""
+
+    def check(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise HeaderError(f"expected an integer in [{lo}, {hi}], got {value!r:.40}")
+        return value
+
+    return check
+
+
+def real(lo: float, hi: float, *, open_lo: bool = False) -> Validator:
+    """A finite float in ``[lo, hi]`` (or ``(lo, hi]``); ints accepted."""
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise HeaderError(f"expected a number, got {value!r:.40}")
+        v = float(value)
+        if not math.isfinite(v) or v > hi or v < lo or (open_lo and v == lo):
+            raise HeaderError(f"expected a number in {'(' if open_lo else '['}{lo}, {hi}], got {v}")
+        return v
+
+    return check
+
+
+def optional_seed(value: Any) -> bytes | None:
+    """A 32-byte seed, or None when the share travels dense."""
+    if value is None:
+        return None
+    if not isinstance(value, bytes) or len(value) != 32:
+        raise HeaderError("a seed must be exactly 32 bytes")
+    return value
+
+
+def schema_entries(value: Any) -> list[list[Any]]:
+    """``[[name, [dims...], dtype], ...]``; deeper checks happen in ``Schema.from_wire``."""
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_SCHEMA_ENTRIES:
+        raise HeaderError("schema must be a non-empty list")
+    for entry in value:
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and len(entry[0]) <= MAX_NAME_LEN
+            and isinstance(entry[1], list)
+            and len(entry[1]) <= 32
+            and isinstance(entry[2], str)
+        ):
+            raise HeaderError("schema entries must be [name, [dims], dtype]")
+    return value
+
+
+def member_list(value: Any) -> list[list[str]]:
+    """``[[peer_id, endpoint], ...]`` with unique ids."""
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_MEMBERS:
+        raise HeaderError("members must be a non-empty list")
+    for entry in value:
+        if not (isinstance(entry, list) and len(entry) == 2):
+            raise HeaderError("members entries must be [peer_id, endpoint]")
+        ident(entry[0])
+        endpoint(entry[1])
+    if len({e[0] for e in value}) != len(value):
+        raise HeaderError("members lists a peer twice")
+    return value
+
+
+def tree_levels(value: Any) -> list[Any]:
+    """``levels[l][g] = [participants, actors]`` of peer ids (invariants checked by ``tree``)."""
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_LEVELS:
+        raise HeaderError("tree must be a non-empty list of levels")
+    for level in value:
+        if not isinstance(level, list) or not level:
+            raise HeaderError("tree levels must be non-empty lists of groups")
+        for group in level:
+            if not (isinstance(group, list) and len(group) == 2):
+                raise HeaderError("tree groups must be [participants, actors]")
+            for side in group:
+                if not isinstance(side, list):
+                    raise HeaderError("tree groups must be [participants, actors]")
+                for pid in side:
+                    ident(pid)
+    return value
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of all messages: ``TYPE`` names it on the wire, ``PAYLOAD`` says if it carries a buffer.
+
+    ``PAYLOAD`` is ``None`` (no buffer), ``"optional"`` or ``"required"``;
+    ``PAYLOAD_DTYPE`` is how the buffer is viewed on arrival.
+    """
+
+    TYPE: ClassVar[str] = ""
+    PAYLOAD: ClassVar[str | None] = None
+    PAYLOAD_DTYPE: ClassVar[str] = "<u8"
+    FIELDS: ClassVar[dict[str, Validator]] = {}
+
+    def header(self) -> dict[str, Any]:
+        """The msgpack-able header: version, type and every validated field."""
+        h: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": self.TYPE}
+        for name in self.FIELDS:
+            h[name] = getattr(self, name)
+        return h
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any], payload: np.ndarray | None) -> Message:
+        """Validate every field, then build the message.
+
+        Raises:
+            HeaderError: naming the field and what was wrong.
+        """
+        extra = set(header) - set(cls.FIELDS) - {"v", "t"}
+        if extra:
+            raise HeaderError(f"{cls.TYPE}: unexpected fields {sorted(extra)[:5]}")
+        values = {}
+        for name, check in cls.FIELDS.items():
+            if name not in header:
+                raise HeaderError(f"{cls.TYPE}: missing field {name!r}")
+            try:
+                values[name] = check(header[name])
+            except HeaderError as exc:
+                raise HeaderError(f"{cls.TYPE}.{name}: {exc}") from None
+        if cls.PAYLOAD is not None:
+            values["payload"] = payload
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Signup(Message):
+    """A peer joins a session's waiting queue with its model's layout and weight."""
+
+    session: str
+    peer_id: str
+    endpoint: str
+    weight: float
+    frac_bits: int
+    schema: list[list[Any]]
+
+    TYPE: ClassVar[str] = "signup"
+    FIELDS: ClassVar[dict[str, Validator]] = {
+        "session": ident,
+        "peer_id": ident,
+        "endpoint": endpoint,
+        "weight": real(0.0, 1e15, open_lo=True),
+        "frac_bits": integer(8, 52),
+        "schema": schema_entries,
+    }
+
+
+@dataclass(frozen=True)
+class SignupAck(Message):
+    """The scheduler queued the peer; ``queued`` peers now wait in its session."""
+
+    session: str
+    peer_id: str
+    queued: int
+
+    TYPE: ClassVar[str] = "signup_ok"
+    FIELDS: ClassVar[dict[str, Validator]] = {
+        "session": ident,
+        "peer_id": ident,
+        "queued": integer(0, MAX_MEMBERS),
+    }
+
+
+@dataclass(frozen=True)
+class SignupRejected(Message):
+    """The scheduler refused the sign-up; ``code`` is machine-readable, ``reason`` says why.
+
+    Codes: ``schema_mismatch`` (the model differs from the session's), ``bad_schema``.
+    """
+
+    session: str
+    peer_id: str
+    code: str
+    reason: str
+
+    TYPE: ClassVar[str] = "signup_rejected"
+    FIELDS: ClassVar[dict[str, Validator]] = {
+        "session": ident,
+        "peer_id": ident,
+        "code": ident,
+        "reason": text,
+    }
+
+
+@dataclass(frozen=True)
+class Assignment(Message):
+    """A round formed: who is in it, where they listen, the tree, and the deadline."""
+
+    session: str
+    round_id: str
+    members: list[list[str]]
+    tree: list[Any]
+    group_size: int
+    num_actors: int
+    total_weight: float
+    deadline_s: float
+
+    TYPE: ClassVar[str] = "assignment"
+    FIELDS: ClassVar[dict[str, Validator]] = {
+        "session": ident,
+        "round_id": ident,
+        "members": member_list,
+        "tree": tree_levels,
+        "group_size": integer(3, MAX_MEMBERS),
+        "num_actors": integer(2, MAX_MEMBERS),
+        "total_weight": real(0.0, 1e20, open_lo=True),
+        "deadline_s": real(0.0, 86400.0, open_lo=True),
+    }
+
+
+@dataclass(frozen=True)
+class Leave(Message):
+    """A queued peer gives up waiting (its deadline passed); the scheduler forgets it."""
+
+    session: str
+    peer_id: str
+
+    TYPE: ClassVar[str] = "leave"
+    FIELDS: ClassVar[dict[str, Validator]] = {"session": ident, "peer_id": ident}
+
+
+@dataclass(frozen=True)
+class Done(Message):
+    """A peer finished a round; its stats are for the scheduler's logs."""
+
+    round_id: str
+    peer_id: str
+    seconds: float
+    bytes_sent: int
+    bytes_received: int
+
+    TYPE: ClassVar[str] = "done"
+    FIELDS: ClassVar[dict[str, Validator]] = {
+        "round_id": ident,
+        "peer_id": ident,
+        "seconds": real(0.0, 1e9),
+        "bytes_sent": integer(0, 2**62),
+        "bytes_received": integer(0, 2**62),
+    }
+
+
+@dataclass(frozen=True)
+class Abort(Message):
+    """A round failed: from a peer to the scheduler, and from the scheduler to every member."""
+
+    round_id: str
+    peer_id: str
+    reason: str
+
+    TYPE: ClassVar[str] = "abort"
+    FIELDS: ClassVar[dict[str, Validator]] = {"round_id": ident, "peer_id": ident, "reason": text}
+
+
+@dataclass(frozen=True)
+class Share(Message):
+    """One additive share for an actor: dense in the payload, or a 32-byte seed in the header."""
+
+    round_id: str
+    level: int
+    group: int
+    sender: str
+    seed: bytes | None
+    payload: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    TYPE: ClassVar[str] = "share"
+    PAYLOAD: ClassVar[str | None] = "optional"
+    FIELDS: ClassVar[dict[str, Validator]] = {
+        "round_id": ident,
+        "level": integer(0, MAX_LEVELS),
+        "group": integer(0, MAX_MEMBERS),
+        "sender": ident,
+        "seed": optional_seed,
+    }
+
+
+@dataclass(frozen=True)
+class Partial(Message):
+    """A root actor's partial sum, sent to the other root actors."""
+
+    round_id: str
+    sender: str
+    payload: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    TYPE: ClassVar[str] = "partial"
+    PAYLOAD: ClassVar[str | None] = "required"
+    FIELDS: ClassVar[dict[str, Validator]] = {"round_id": ident, "sender": ident}
+
+
+@dataclass(frozen=True)
+class Result(Message):
+    """The decoded average (every tensor in its own dtype), travelling down the tree."""
+
+    round_id: str
+    sender: str
+    payload: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    TYPE: ClassVar[str] = "result"
+    PAYLOAD: ClassVar[str | None] = "required"
+    PAYLOAD_DTYPE: ClassVar[str] = "u1"
+    FIELDS: ClassVar[dict[str, Validator]] = {"round_id": ident, "sender": ident}
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Signup,
+        SignupAck,
+        SignupRejected,
+        Assignment,
+        Leave,
+        Done,
+        Abort,
+        Share,
+        Partial,
+        Result,
+    )
+}
+PEER_TO_PEER = (Share, Partial, Result)
+FROM_SCHEDULER = (SignupAck, SignupRejected, Assignment, Abort)
+TO_SCHEDULER = (Signup, Leave, Done, Abort)

@@ -1,0 +1,287 @@
+"""One peer's part in one round, as a sans-IO state machine.
+
+:class:`PeerRound` takes messages from other peers and returns the messages
+to send; it never touches a socket, a clock or a thread. The same object runs
+inside a real :class:`~lightning_secagg.peer.Peer` and inside the in-memory
+simulations of the tests.
+
+The round, from one peer's view:
+
+1. Level 0: split the encoded vector into ``num_actors`` additive shares and
+   send one to each actor of my group (keeping the dense share if I am one of
+   them; the others get 32-byte seeds).
+2. For every group I act for, wait for exactly one share from each of its
+   participants; their sum is my vector for the next level, where I
+   participate again (step 1 at that level).
+3. At the root, the actors send each other their partial sums; each adds
+   them all, decodes the ring total (``finalize``) and holds the result.
+4. Down: every actor forwards the result to the participants of the groups
+   it acted for that are not actors themselves, each participant being served
+   by exactly one actor (``index mod num_actors``), so nobody receives it twice.
+
+Invalid input raises :class:`~lightning_secagg.errors.RemoteProtocolError`
+and leaves the state unchanged; the caller logs and drops it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lightning_secagg.errors import LocalProtocolError, RemoteProtocolError
+from lightning_secagg.messages import Message, Partial, Result, Share
+from lightning_secagg.sharing import RandomBytes, add_expanded_seed, random_index, split
+from lightning_secagg.tree import AggregationTree, Group
+
+ROOT = -1  # accumulator key level for the root exchange
+
+
+@dataclass(frozen=True)
+class Send:
+    """An instruction to the transport: deliver ``message`` to peer ``to``."""
+
+    to: str
+    message: Message
+
+
+@dataclass
+class _Accumulator:
+    """Sum of the contributions one actor is waiting for."""
+
+    label: str
+    expected: frozenset[str]
+    received: set[str] = field(default_factory=set)
+    total: np.ndarray | None = None
+
+    @property
+    def complete(self) -> bool:
+        return len(self.received) == len(self.expected)
+
+    def missing(self) -> list[str]:
+        return sorted(self.expected - self.received)
+
+
+def designated_actor(group: Group, participant: str) -> str | None:
+    """The actor of ``group`` that sends the result down to ``participant`` (None for actors)."""
+    if participant in group.actors:
+        return None
+    others = [p for p in group.participants if p not in group.actors]
+    return group.actors[others.index(participant) % len(group.actors)]
+
+
+class PeerRound:
+    """The state of one peer in one round.
+
+    Args:
+        me: This peer's id.
+        round_id: The round's id; messages of other rounds are refused.
+        tree: The round's tree, as assigned by the scheduler.
+        vector: This peer's encoded ``uint64`` vector; consumed (shares are made in place).
+        finalize: Turns the ring total into the result buffer; only root actors call it.
+        result_nbytes: Size every result buffer must have.
+        random_bytes: Randomness for seeds and for picking the actor that gets the dense share.
+    """
+
+    def __init__(
+        self,
+        me: str,
+        round_id: str,
+        tree: AggregationTree,
+        vector: np.ndarray,
+        finalize: Callable[[np.ndarray], np.ndarray],
+        result_nbytes: int,
+        random_bytes: RandomBytes,
+    ) -> None:
+        if tree.group_of(me, 0) is None:
+            raise LocalProtocolError(f"{me} is not a member of round {round_id}")
+        if vector.dtype != np.uint64 or vector.ndim != 1:
+            raise LocalProtocolError("the encoded vector must be a 1-d uint64 array")
+        self.me = me
+        self.round_id = round_id
+        self.tree = tree
+        self.size = vector.size
+        self.result_nbytes = result_nbytes
+        self._vector: np.ndarray | None = vector
+        self._finalize = finalize
+        self._random_bytes = random_bytes
+        self._scratch: np.ndarray | None = None
+        self.result: np.ndarray | None = None
+        self.started = False
+        self.acted = tree.acted_groups(me)
+        self._accs: dict[tuple[int, int], _Accumulator] = {
+            (g.level, g.index): _Accumulator(
+                f"shares for level {g.level} group {g.index}", frozenset(g.participants)
+            )
+            for g in self.acted
+        }
+        root = tree.root
+        self.is_root_actor = me in root.actors
+        if self.is_root_actor:
+            self._accs[(ROOT, 0)] = _Accumulator("root partial sums", frozenset(root.actors))
+        self.top_level = max(li for li in range(tree.depth) if tree.group_of(me, li) is not None)
+        top_group = tree.group_of(me, self.top_level)
+        self.result_from = designated_actor(top_group, me) if top_group is not None else None
+
+    @property
+    def done(self) -> bool:
+        """True once the result is held and forwarded."""
+        return self.result is not None
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Human-readable roles, e.g. ``("participant@0", "actor@0/g1", "root-actor")``."""
+        roles = [f"participant@{li}" for li in range(self.top_level + 1)]
+        roles += [f"actor@{g.level}/g{g.index}" for g in self.acted]
+        if self.is_root_actor:
+            roles.append("root-actor")
+        return tuple(roles)
+
+    def start(self) -> list[Send]:
+        """Send this peer's level-0 shares.
+
+        Raises:
+            LocalProtocolError: called twice.
+        """
+        if self.started:
+            raise LocalProtocolError("round already started")
+        self.started = True
+        vector, self._vector = self._vector, None
+        if vector is None:  # pragma: no cover - guarded by ``started``
+            raise LocalProtocolError("the vector was already consumed")
+        return self._participate(0, vector)
+
+    def receive(self, message: Message) -> list[Send]:
+        """Feed one message from another peer; return what to send in consequence.
+
+        Raises:
+            RemoteProtocolError: the message does not belong here (wrong round,
+                sender, level or group, duplicate, wrong size). State unchanged.
+        """
+        if getattr(message, "round_id", None) != self.round_id:
+            raise RemoteProtocolError(f"message for round {getattr(message, 'round_id', None)!r}")
+        if isinstance(message, Share):
+            acc = self._accs.get((message.level, message.group))
+            if acc is None:
+                raise RemoteProtocolError(
+                    f"share for level {message.level} group {message.group}, "
+                    f"where {self.me} is not an actor"
+                )
+            return self._contribute(
+                acc, (message.level, message.group), message.sender, message.payload, message.seed
+            )
+        if isinstance(message, Partial):
+            acc = self._accs.get((ROOT, 0))
+            if acc is None:
+                raise RemoteProtocolError(f"partial sum sent to {self.me}, not a root actor")
+            if message.sender == self.me:
+                raise RemoteProtocolError("partial sum claims to come from myself")
+            return self._contribute(acc, (ROOT, 0), message.sender, message.payload, None)
+        if isinstance(message, Result):
+            if self.result_from is None or message.sender != self.result_from:
+                raise RemoteProtocolError(
+                    f"result from {message.sender}, expected it from {self.result_from}"
+                )
+            if self.result is not None:
+                raise RemoteProtocolError("duplicate result")
+            payload = message.payload
+            if payload is None or payload.nbytes != self.result_nbytes:
+                raise RemoteProtocolError("result has the wrong size")
+            return self._distribute(payload)
+        raise RemoteProtocolError(f"unexpected {type(message).__name__} between peers")
+
+    def waiting_for(self) -> str:
+        """What this peer still waits for, for timeout errors."""
+        parts = []
+        for acc in self._accs.values():
+            if not acc.complete:
+                parts.append(f"{acc.label} from {', '.join(acc.missing())}")
+        if self.result is None and self.result_from is not None:
+            parts.append(f"the result from actor {self.result_from} (level {self.top_level})")
+        if self.result is None and not parts:
+            parts.append("its own vector to complete")
+        return "; ".join(parts) if parts else "nothing"
+
+    # -- internals -------------------------------------------------------
+
+    def _participate(self, level: int, vector: np.ndarray) -> list[Send]:
+        group = self.tree.group_of(self.me, level)
+        if group is None:  # pragma: no cover - guarded by the tree's invariants
+            raise LocalProtocolError(f"{self.me} does not participate at level {level}")
+        shares = split(vector, len(group.actors), self._random_bytes)
+        if self.me in group.actors:
+            dense_to = self.me
+        else:
+            dense_to = group.actors[random_index(len(group.actors), self._random_bytes)]
+        seeds = iter(shares.seeds)
+        out: list[Send] = []
+        for actor in group.actors:
+            dense = actor == dense_to
+            seed = None if dense else next(seeds)
+            payload = shares.dense if dense else None
+            if actor == self.me:
+                out += self._contribute(
+                    self._accs[(level, group.index)], (level, group.index), self.me, payload, seed
+                )
+            else:
+                msg = Share(self.round_id, level, group.index, self.me, seed, payload)
+                out.insert(0, Send(actor, msg))
+        return out
+
+    def _contribute(
+        self,
+        acc: _Accumulator,
+        key: tuple[int, int],
+        sender: str,
+        payload: np.ndarray | None,
+        seed: bytes | None,
+    ) -> list[Send]:
+        if sender not in acc.expected:
+            raise RemoteProtocolError(f"{sender} is not expected to send {acc.label}")
+        if sender in acc.received:
+            raise RemoteProtocolError(f"duplicate {acc.label} from {sender}")
+        if payload is not None and payload.size != self.size:
+            raise RemoteProtocolError(
+                f"{acc.label} from {sender} has {payload.size} elements, expected {self.size}"
+            )
+        if payload is None and seed is None:
+            raise RemoteProtocolError(f"{acc.label} from {sender} is empty")
+        if acc.total is None:
+            acc.total = np.zeros(self.size, dtype=np.uint64)
+        if payload is not None:
+            np.add(acc.total, payload, out=acc.total)
+        else:
+            if self._scratch is None:
+                self._scratch = np.empty(self.size, dtype=np.uint64)
+            add_expanded_seed(seed, acc.total, self._scratch)  # type: ignore[arg-type]
+        acc.received.add(sender)
+        if not acc.complete:
+            return []
+        total, acc.total = acc.total, None
+        if key[0] == ROOT:
+            self._scratch = None
+            return self._distribute(self._finalize(total))
+        if key[0] == self.tree.depth - 1:
+            return self._root_exchange(total)
+        return self._participate(key[0] + 1, total)
+
+    def _root_exchange(self, partial: np.ndarray) -> list[Send]:
+        out = [
+            Send(actor, Partial(self.round_id, self.me, partial))
+            for actor in self.tree.root.actors
+            if actor != self.me
+        ]
+        # ``partial`` now backs queued sends, so it is added into the
+        # accumulator's own array rather than used as the accumulator.
+        out += self._contribute(self._accs[(ROOT, 0)], (ROOT, 0), self.me, partial, None)
+        return out
+
+    def _distribute(self, result: np.ndarray) -> list[Send]:
+        self.result = result
+        out = []
+        for group in self.acted:
+            for participant in group.participants:
+                if designated_actor(group, participant) == self.me:
+                    out.append(Send(participant, Result(self.round_id, self.me, result)))
+        return out

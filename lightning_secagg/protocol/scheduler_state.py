@@ -1,0 +1,298 @@
+"""The scheduler's logic, as a sans-IO state machine.
+
+:class:`SchedulerState` keeps one waiting queue per session, forms a round
+when ``target_size`` compatible peers wait, builds its tree, and follows the
+round until every member reports :class:`~lightning_secagg.messages.Done` or
+one of them gives up. It sees sign-ups, stats and failures, never model data.
+
+Connections are opaque ``bytes`` (ZeroMQ routing ids in production); the
+clock, the shuffle randomness and the round ids are injected.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lightning_secagg.encoding import Schema
+from lightning_secagg.errors import RemoteProtocolError
+from lightning_secagg.messages import (
+    Abort,
+    Assignment,
+    Done,
+    Leave,
+    Message,
+    Signup,
+    SignupAck,
+    SignupRejected,
+)
+from lightning_secagg.tree import AggregationTree, ShuffleRandom, build_tree, validate_tree_params
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_ID = "scheduler"
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """An instruction to the transport: deliver ``message`` on connection ``conn``."""
+
+    conn: bytes
+    message: Message
+
+
+@dataclass
+class _Waiting:
+    conn: bytes
+    signup: Signup
+    schema: Schema
+
+
+@dataclass
+class _Session:
+    queue: dict[str, _Waiting] = field(default_factory=dict)
+
+
+@dataclass
+class ActiveRound:
+    """A round in flight: its members' connections, who finished, and its deadline."""
+
+    round_id: str
+    session: str
+    members: dict[str, bytes]
+    tree: AggregationTree
+    deadline: float
+    started: float
+    done: dict[str, Done] = field(default_factory=dict)
+
+
+def default_round_id() -> str:
+    """A fresh, unguessable round id."""
+    return secrets.token_hex(8)
+
+
+class SchedulerState:
+    """Sessions, queues and rounds.
+
+    Args:
+        target_size: Peers per round.
+        group_size: Participants per group of the tree.
+        num_actors: Actors per group.
+        round_timeout: Seconds a round may take before it is aborted for everyone.
+        clock: Monotonic seconds.
+        rng: Shuffle randomness for the tree (a CSPRNG in production).
+        new_round_id: Round id factory.
+    """
+
+    def __init__(
+        self,
+        target_size: int,
+        group_size: int,
+        num_actors: int,
+        *,
+        round_timeout: float = 300.0,
+        clock: Callable[[], float],
+        rng: ShuffleRandom | None = None,
+        new_round_id: Callable[[], str] = default_round_id,
+    ) -> None:
+        validate_tree_params(target_size, group_size, num_actors)
+        self.target_size = target_size
+        self.group_size = group_size
+        self.num_actors = num_actors
+        self.round_timeout = round_timeout
+        self._clock = clock
+        self._rng = rng if rng is not None else secrets.SystemRandom()
+        self._new_round_id = new_round_id
+        self.sessions: dict[str, _Session] = {}
+        self.rounds: dict[str, ActiveRound] = {}
+        self.completed_rounds = 0
+        self.aborted_rounds = 0
+
+    def receive(self, conn: bytes, message: Message) -> list[Outgoing]:
+        """Handle one message from a peer.
+
+        Raises:
+            RemoteProtocolError: the message makes no sense here (state unchanged).
+        """
+        if isinstance(message, Signup):
+            return self._signup(conn, message)
+        if isinstance(message, Done):
+            return self._done(conn, message)
+        if isinstance(message, Leave):
+            return self._leave(conn, message)
+        if isinstance(message, Abort):
+            return self._peer_abort(conn, message)
+        raise RemoteProtocolError(f"scheduler does not accept {type(message).__name__}")
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` next has work to do (None: nothing pending)."""
+        return min((r.deadline for r in self.rounds.values()), default=None)
+
+    def tick(self) -> list[Outgoing]:
+        """Abort every round whose deadline has passed."""
+        now = self._clock()
+        out: list[Outgoing] = []
+        for rnd in [r for r in self.rounds.values() if r.deadline <= now]:
+            waiting = sorted(set(rnd.members) - set(rnd.done))
+            out += self._abort(rnd, f"round deadline passed; no Done from {', '.join(waiting)}")
+        return out
+
+    def unreachable(self, conn: bytes) -> list[Outgoing]:
+        """The transport could not deliver to ``conn``: drop it from queues, abort its rounds."""
+        out: list[Outgoing] = []
+        for session in self.sessions.values():
+            for pid in [p for p, w in session.queue.items() if w.conn == conn]:
+                log.warning("dropping unreachable peer %s from the queue", pid)
+                del session.queue[pid]
+        for rnd in [r for r in self.rounds.values() if conn in r.members.values()]:
+            pid = next(p for p, c in rnd.members.items() if c == conn)
+            out += self._abort(rnd, f"peer {pid} became unreachable")
+        return out
+
+    def queued(self, session: str) -> int:
+        """How many peers wait in ``session``."""
+        s = self.sessions.get(session)
+        return len(s.queue) if s else 0
+
+    # -- internals -------------------------------------------------------
+
+    def _signup(self, conn: bytes, msg: Signup) -> list[Outgoing]:
+        try:
+            schema = Schema.from_wire(msg.schema, msg.frac_bits)
+        except ValueError as exc:
+            return [
+                Outgoing(
+                    conn,
+                    SignupRejected(msg.session, msg.peer_id, "bad_schema", f"bad schema: {exc}"),
+                )
+            ]
+        out: list[Outgoing] = []
+        # A member signing up again before its Done has left its round: it cannot finish.
+        for rnd in [
+            r for r in self.rounds.values() if msg.peer_id in r.members and msg.peer_id not in r.done
+        ]:
+            out += self._abort(rnd, f"peer {msg.peer_id} left the round and signed up again")
+        session = self.sessions.setdefault(msg.session, _Session())
+        session.queue.pop(msg.peer_id, None)
+        reference = next(iter(session.queue.values()), None)
+        if reference is not None:
+            diff = reference.schema.difference(schema)
+            if diff is not None:
+                reason = (
+                    f"model schema differs from session {msg.session!r} "
+                    f"(fingerprint {schema.fingerprint()} vs "
+                    f"{reference.schema.fingerprint()}): {diff}"
+                )
+                log.warning("refusing %s: %s", msg.peer_id, reason)
+                return [
+                    *out,
+                    Outgoing(
+                        conn, SignupRejected(msg.session, msg.peer_id, "schema_mismatch", reason)
+                    ),
+                ]
+        session.queue[msg.peer_id] = _Waiting(conn, msg, schema)
+        log.info(
+            "peer %s joined session %r (%d/%d waiting)",
+            msg.peer_id,
+            msg.session,
+            len(session.queue),
+            self.target_size,
+        )
+        out.append(Outgoing(conn, SignupAck(msg.session, msg.peer_id, len(session.queue))))
+        while len(session.queue) >= self.target_size:
+            out += self._form_round(msg.session, session)
+        return out
+
+    def _form_round(self, name: str, session: _Session) -> list[Outgoing]:
+        chosen = [session.queue.pop(pid) for pid in list(session.queue)[: self.target_size]]
+        ids = [w.signup.peer_id for w in chosen]
+        tree = build_tree(ids, self.group_size, self.num_actors, self._rng)
+        round_id = self._new_round_id()
+        now = self._clock()
+        rnd = ActiveRound(
+            round_id=round_id,
+            session=name,
+            members={w.signup.peer_id: w.conn for w in chosen},
+            tree=tree,
+            deadline=now + self.round_timeout,
+            started=now,
+        )
+        self.rounds[round_id] = rnd
+        log.info(
+            "round %s of session %r: %d peers, depth %d, tree %s",
+            round_id,
+            name,
+            len(ids),
+            tree.depth,
+            format_tree(tree),
+        )
+        assignment = Assignment(
+            session=name,
+            round_id=round_id,
+            members=[[w.signup.peer_id, w.signup.endpoint] for w in chosen],
+            tree=tree.to_wire(),
+            group_size=self.group_size,
+            num_actors=self.num_actors,
+            total_weight=sum(w.signup.weight for w in chosen),
+            deadline_s=self.round_timeout,
+        )
+        return [Outgoing(w.conn, assignment) for w in chosen]
+
+    def _done(self, conn: bytes, msg: Done) -> list[Outgoing]:
+        rnd = self.rounds.get(msg.round_id)
+        if rnd is None or rnd.members.get(msg.peer_id) != conn:
+            raise RemoteProtocolError(f"Done for unknown round {msg.round_id} or from a non-member")
+        rnd.done[msg.peer_id] = msg
+        if len(rnd.done) == len(rnd.members):
+            del self.rounds[rnd.round_id]
+            self.completed_rounds += 1
+            slowest = max(d.seconds for d in rnd.done.values())
+            sent = sum(d.bytes_sent for d in rnd.done.values())
+            log.info(
+                "round %s complete: %d peers, slowest %.3f s, %d bytes sent in all",
+                rnd.round_id,
+                len(rnd.members),
+                slowest,
+                sent,
+            )
+        return []
+
+    def _leave(self, conn: bytes, msg: Leave) -> list[Outgoing]:
+        session = self.sessions.get(msg.session)
+        waiting = session.queue.get(msg.peer_id) if session else None
+        if session is None or waiting is None or waiting.conn != conn:
+            raise RemoteProtocolError(
+                f"Leave from {msg.peer_id}, which is not queued in {msg.session!r}"
+            )
+        del session.queue[msg.peer_id]
+        log.info("peer %s left session %r", msg.peer_id, msg.session)
+        return []
+
+    def _peer_abort(self, conn: bytes, msg: Abort) -> list[Outgoing]:
+        rnd = self.rounds.get(msg.round_id)
+        if rnd is None or rnd.members.get(msg.peer_id) != conn:
+            raise RemoteProtocolError(
+                f"Abort for unknown round {msg.round_id} or from a non-member"
+            )
+        return self._abort(rnd, f"peer {msg.peer_id} gave up: {msg.reason}")
+
+    def _abort(self, rnd: ActiveRound, reason: str) -> list[Outgoing]:
+        del self.rounds[rnd.round_id]
+        self.aborted_rounds += 1
+        log.warning("aborting round %s: %s", rnd.round_id, reason)
+        return [
+            Outgoing(conn, Abort(rnd.round_id, SCHEDULER_ID, reason))
+            for pid, conn in rnd.members.items()
+            if pid not in rnd.done
+        ]
+
+
+def format_tree(tree: AggregationTree) -> str:
+    """One line per level, e.g. ``L0: [a b c -> a,c] [d e f -> e,f]``."""
+    return " | ".join(
+        f"L{li}: "
+        + " ".join(f"[{' '.join(g.participants)} -> {','.join(g.actors)}]" for g in level)
+        for li, level in enumerate(tree.levels)
+    )

@@ -1,0 +1,192 @@
+"""The scheduler process: a ROUTER socket and an I/O thread around :class:`SchedulerState`.
+
+The I/O thread owns the socket. It sleeps in ``zmq.Poller.poll`` until a
+message arrives, a round's deadline is due, or :meth:`Scheduler.stop` pokes it
+through an inproc pipe: no busy loop, no sleep. ``ROUTER_MANDATORY`` makes an
+undeliverable reply an error that aborts the round instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+import zmq
+
+from lightning_secagg import codec
+from lightning_secagg.errors import ConfigurationError, RemoteProtocolError, RoundFailedError
+from lightning_secagg.messages import TO_SCHEDULER
+from lightning_secagg.protocol.scheduler_state import Outgoing, SchedulerState
+from lightning_secagg.transport import bind_endpoint, receive_message, send_message
+from lightning_secagg.tree import validate_tree_params
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Peer discovery and aggregation waiting queue.
+
+    Args:
+        port: TCP port to listen on (0: any free port; see :attr:`address`).
+        target_size: Peers per round; extra peers wait for the next round.
+        group_size: Participants per group of the aggregation tree.
+        num_actors: Actors per group (``2 <= num_actors < group_size``).
+        host: Interface to bind, e.g. ``127.0.0.1`` or ``0.0.0.0``.
+        round_timeout: Seconds after which an unfinished round is aborted for all members.
+        clock: Monotonic clock (injectable for tests).
+
+    Raises:
+        ConfigurationError: invalid tree parameters.
+    """
+
+    def __init__(
+        self,
+        port: int = 5555,
+        target_size: int = 6,
+        group_size: int = 3,
+        num_actors: int = 2,
+        host: str = "127.0.0.1",
+        *,
+        round_timeout: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        validate_tree_params(target_size, group_size, num_actors)
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConfigurationError(f"port must be an int in [0, 65535], got {port!r}")
+        if not round_timeout > 0:
+            raise ConfigurationError(f"round_timeout must be > 0, got {round_timeout!r}")
+        self._bind = bind_endpoint(f"tcp://{host}:{port}")
+        self._clock = clock
+        self.state = SchedulerState(
+            target_size, group_size, num_actors, round_timeout=round_timeout, clock=clock
+        )
+        self._ctx: zmq.Context | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._wake_addr = f"inproc://scheduler-wake-{id(self)}"
+        self.address: str | None = None
+
+    def start(self) -> Scheduler:
+        """Bind and start serving; returns once the socket listens.
+
+        Raises:
+            ConfigurationError: the address cannot be bound (e.g. the port is in use).
+        """
+        if self._thread is not None:
+            return self
+        self._ctx = zmq.Context()
+        self._ready.clear()
+        self._error = None
+        self._thread = threading.Thread(target=self._serve, name="secagg-scheduler", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            self._thread = None
+            self._ctx.term()
+            self._ctx = None
+            raise ConfigurationError(f"scheduler cannot listen on {self._bind}: {self._error}")
+        log.info("scheduler listening on %s", self.address)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving and release the port. Idempotent; returns within ``timeout`` seconds."""
+        if self._thread is None or self._ctx is None:
+            return
+        wake = self._ctx.socket(zmq.PAIR)
+        wake.linger = 0
+        wake.connect(self._wake_addr)
+        wake.send(b"stop")
+        self._thread.join(timeout)
+        wake.close(linger=0)
+        if self._thread.is_alive():  # pragma: no cover - would be a bug in _serve
+            log.error("scheduler thread did not stop within %.1f s", timeout)
+        else:
+            self._ctx.term()
+        self._thread = None
+        self._ctx = None
+        log.info("scheduler stopped")
+
+    def __enter__(self) -> Scheduler:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the I/O thread ends (after :meth:`stop`); True when it has."""
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    # -- the I/O thread --------------------------------------------------
+
+    def _serve(self) -> None:
+        ctx = self._ctx
+        if ctx is None:  # pragma: no cover
+            return
+        router = ctx.socket(zmq.ROUTER)
+        router.linger = 0
+        router.router_mandatory = True
+        wake = ctx.socket(zmq.PAIR)
+        wake.linger = 0
+        try:
+            wake.bind(self._wake_addr)
+            router.bind(self._bind)
+            self.address = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        except zmq.ZMQError as exc:
+            self._error = exc
+            router.close(linger=0)
+            wake.close(linger=0)
+            self._ready.set()
+            return
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        try:
+            while True:
+                due = self.state.next_deadline()
+                timeout_ms = None if due is None else max(0, int((due - self._clock()) * 1000) + 1)
+                events = dict(poller.poll(timeout_ms))
+                if wake in events:
+                    return
+                out: list[Outgoing] = []
+                if router in events:
+                    out += self._handle(router)
+                if due is not None and self._clock() >= due:
+                    out += self.state.tick()
+                self._send_all(router, out)
+        finally:
+            router.close(linger=0)
+            wake.close(linger=0)
+
+    def _handle(self, router: zmq.Socket) -> list[Outgoing]:
+        frames = router.recv_multipart(copy=False)
+        conn = frames[0].bytes
+        try:
+            msg = receive_message(frames[1:], codec.MAX_HEADER_BYTES, TO_SCHEDULER)
+            return self.state.receive(conn, msg)
+        except RemoteProtocolError as exc:
+            log.warning("scheduler dropped a message: %s", exc)
+            return []
+
+    def _send_all(self, router: zmq.Socket, out: list[Outgoing]) -> None:
+        while out:
+            item = out.pop(0)
+            try:
+                send_message(router, item.message, prefix=(item.conn,))
+            except RoundFailedError as exc:
+                log.warning("cannot deliver %s: %s", item.message.TYPE, exc)
+                out += self.state.unreachable(item.conn)

@@ -1,0 +1,112 @@
+"""Additive secret shares in Z_2^64, with seed-compressed random shares.
+
+A vector ``x`` is split into ``k`` shares that add up to ``x`` modulo 2**64:
+``k - 1`` of them are pure randomness, the last one is ``x`` minus their sum.
+Any ``k - 1`` shares together are uniformly random and say nothing about
+``x``. The random shares need not travel as vectors: each is the keystream of
+AES-256-CTR under a fresh 32-byte key drawn from ``os.urandom``, so it travels
+as that 32-byte seed and the receiver expands it. This cuts a participant's
+upload from ``k`` vectors to one (and to zero when it is itself an actor of
+its group and keeps the dense share).
+
+Randomness is injected (``random_bytes``) so the protocol core is testable;
+production always uses :func:`os.urandom`. Numpy's, torch's and ``random``'s
+generators are never used for shares.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+SEED_BYTES = 32
+_NONCE = bytes(16)  # every key is fresh and used for one stream only
+
+RandomBytes = Callable[[int], bytes]
+
+
+def system_random_bytes(n: int) -> bytes:
+    """The production randomness source: the operating system's CSPRNG."""
+    return os.urandom(n)
+
+
+def add_expanded_seed(seed: bytes, acc: np.ndarray, scratch: np.ndarray | None = None) -> None:
+    """Add the pseudo-random vector named by ``seed`` into ``acc`` (mod 2**64), in place.
+
+    Args:
+        seed: 32-byte AES-256 key.
+        acc: ``uint64`` accumulator.
+        scratch: Optional ``uint64`` buffer of ``acc``'s size, reused to avoid an allocation.
+    """
+    buf = expand_seed(seed, acc.size, scratch)
+    np.add(acc, buf, out=acc)
+
+
+def subtract_expanded_seed(seed: bytes, acc: np.ndarray, scratch: np.ndarray | None = None) -> None:
+    """Subtract the pseudo-random vector named by ``seed`` from ``acc`` (mod 2**64), in place."""
+    buf = expand_seed(seed, acc.size, scratch)
+    np.subtract(acc, buf, out=acc)
+
+
+def expand_seed(seed: bytes, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The ``uint64`` vector of ``size`` elements that ``seed`` stands for.
+
+    Raises:
+        ValueError: the seed is not 32 bytes or ``out`` has the wrong size.
+    """
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"a share seed has {SEED_BYTES} bytes, got {len(seed)}")
+    if out is None:
+        out = np.zeros(size, dtype=np.uint64)
+    else:
+        if out.size != size or out.dtype != np.uint64:
+            raise ValueError("scratch buffer has the wrong size or dtype")
+        out.fill(0)
+    view = memoryview(out).cast("B")
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(_NONCE)).encryptor()
+    encryptor.update_into(view, view)  # keystream XOR zeros, written in place
+    encryptor.finalize()
+    if not np.little_endian:  # keystream bytes are little-endian words on every platform
+        out.byteswap(inplace=True)
+    return out
+
+
+@dataclass(frozen=True)
+class Shares:
+    """One vector split for ``k`` actors: a dense share and ``k - 1`` seeds."""
+
+    dense: np.ndarray
+    seeds: tuple[bytes, ...]
+
+
+def split(vector: np.ndarray, num_shares: int, random_bytes: RandomBytes) -> Shares:
+    """Split ``vector`` into ``num_shares`` additive shares, consuming ``vector``.
+
+    The dense share is computed in place in ``vector`` (the caller hands over
+    a fresh encoding it no longer needs), so splitting costs no copy of the model.
+
+    Raises:
+        ValueError: fewer than two shares asked for.
+    """
+    if num_shares < 2:
+        raise ValueError(f"num_shares must be >= 2, got {num_shares}")
+    seeds = tuple(random_bytes(SEED_BYTES) for _ in range(num_shares - 1))
+    scratch = np.empty_like(vector)
+    for seed in seeds:
+        subtract_expanded_seed(seed, vector, scratch)
+    return Shares(dense=vector, seeds=seeds)
+
+
+def random_index(n: int, random_bytes: RandomBytes) -> int:
+    """An unbiased index in ``range(n)`` from the injected byte source (rejection sampling)."""
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    limit = (1 << 64) - ((1 << 64) % n)
+    while True:
+        value = int.from_bytes(random_bytes(8), "little")
+        if value < limit:
+            return value % n

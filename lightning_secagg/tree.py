@@ -1,0 +1,243 @@
+"""HyperAggregate's aggregation tree, as pure functions.
+
+The tree decides who sends shares to whom. Level 0's participants are all
+peers of a round, shuffled and cut into groups; every group picks
+``num_actors`` of its own members as *actors*; the actors of level ``L`` are
+the participants of level ``L + 1``; the first level that is a single group is
+the root, whose actors exchange their partial sums.
+
+Why actors are drawn from inside their group (the design leaves this open):
+an actor that is also a participant keeps its own share locally, saving one
+message per actor, and "each peer acts for at most one group per level" then
+holds by construction. Why a short remainder joins the last group: a group of
+fewer than ``max(3, num_actors + 1)`` members could not pick ``num_actors``
+actors and still keep every participant's input split among two or more
+parties.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from lightning_secagg.errors import ConfigurationError
+
+MIN_GROUP_SIZE = 3
+
+
+class ShuffleRandom(Protocol):
+    """The randomness the tree needs; ``secrets.SystemRandom()`` in production."""
+
+    def shuffle(self, x: list[str]) -> None: ...
+
+    def sample(self, population: Sequence[str], k: int) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class Group:
+    """One group of one level: its participants and the actors they send shares to."""
+
+    level: int
+    index: int
+    participants: tuple[str, ...]
+    actors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AggregationTree:
+    """A whole tree; ``levels[-1]`` holds exactly one group, the root."""
+
+    levels: tuple[tuple[Group, ...], ...]
+    group_size: int
+    num_actors: int
+
+    @property
+    def depth(self) -> int:
+        """Number of levels, root included."""
+        return len(self.levels)
+
+    @property
+    def root(self) -> Group:
+        """The single group of the last level."""
+        return self.levels[-1][0]
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """Level 0's participants, in the shuffled order."""
+        return tuple(p for g in self.levels[0] for p in g.participants)
+
+    def group_of(self, peer_id: str, level: int) -> Group | None:
+        """The group in which ``peer_id`` participates at ``level`` (None when it does not)."""
+        for group in self.levels[level]:
+            if peer_id in group.participants:
+                return group
+        return None
+
+    def acted_groups(self, peer_id: str) -> list[Group]:
+        """Every group (any level) for which ``peer_id`` is an actor, bottom-up."""
+        return [g for level in self.levels for g in level if peer_id in g.actors]
+
+    def to_wire(self) -> list[list[list[list[str]]]]:
+        """Plain lists for the assignment header: ``levels[l][g] = [participants, actors]``."""
+        return [[[list(g.participants), list(g.actors)] for g in level] for level in self.levels]
+
+    @classmethod
+    def from_wire(
+        cls, levels: list[list[list[list[str]]]], group_size: int, num_actors: int
+    ) -> AggregationTree:
+        """Rebuild a tree received from the scheduler and check it is well formed.
+
+        Raises:
+            ValueError: the structure breaks an invariant of :func:`build_tree`.
+        """
+        built = tuple(
+            tuple(
+                Group(level=li, index=gi, participants=tuple(g[0]), actors=tuple(g[1]))
+                for gi, g in enumerate(level)
+            )
+            for li, level in enumerate(levels)
+        )
+        tree = cls(levels=built, group_size=group_size, num_actors=num_actors)
+        check_tree(tree)
+        return tree
+
+
+def validate_tree_params(target_size: int, group_size: int, num_actors: int) -> None:
+    """Refuse parameters that cannot give a private tree.
+
+    Raises:
+        ConfigurationError: naming the parameter, the allowed values and what was given.
+    """
+    for name, value in (
+        ("target_size", target_size),
+        ("group_size", group_size),
+        ("num_actors", num_actors),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigurationError(f"{name} must be an int, got {value!r}")
+    if num_actors < 2:
+        raise ConfigurationError(
+            f"num_actors must be >= 2 (with one actor the actor sees every input in the clear), "
+            f"got {num_actors}"
+        )
+    if group_size < MIN_GROUP_SIZE:
+        raise ConfigurationError(f"group_size must be >= {MIN_GROUP_SIZE}, got {group_size}")
+    if num_actors >= group_size:
+        raise ConfigurationError(
+            f"num_actors must be < group_size (2 <= num_actors < group_size), "
+            f"got num_actors={num_actors}, group_size={group_size}"
+        )
+    if target_size < max(MIN_GROUP_SIZE, num_actors + 1):
+        raise ConfigurationError(
+            f"target_size must be >= {max(MIN_GROUP_SIZE, num_actors + 1)} "
+            f"(at least 3 and more than num_actors={num_actors}), got {target_size}"
+        )
+
+
+def group_sizes(n: int, group_size: int, num_actors: int) -> list[int]:
+    """How ``n`` participants are cut into groups at one level.
+
+    Full groups of ``group_size``; a remainder too small to be a private group
+    on its own (fewer than ``max(3, num_actors + 1)``) joins the last group.
+    """
+    smallest = max(MIN_GROUP_SIZE, num_actors + 1)
+    if n <= group_size:
+        return [n]
+    full, rest = divmod(n, group_size)
+    sizes = [group_size] * full
+    if rest >= smallest:
+        sizes.append(rest)
+    elif rest:
+        sizes[-1] += rest
+    return sizes
+
+
+def level_sizes(n: int, group_size: int, num_actors: int) -> list[list[int]]:
+    """Group sizes of every level of a tree over ``n`` peers, without building it.
+
+    Used by the planner and the simulation tests: depth, message and byte
+    counts follow from these numbers alone.
+    """
+    validate_tree_params(n, group_size, num_actors)
+    levels = []
+    while True:
+        sizes = group_sizes(n, group_size, num_actors)
+        levels.append(sizes)
+        if len(sizes) == 1:
+            return levels
+        n = len(sizes) * num_actors
+
+
+def build_tree(
+    peer_ids: Sequence[str],
+    group_size: int,
+    num_actors: int,
+    rng: ShuffleRandom | None = None,
+) -> AggregationTree:
+    """Build the aggregation tree for one round.
+
+    Args:
+        peer_ids: The round's members (unique).
+        group_size: Participants per group (a remainder may make the last one larger).
+        num_actors: Actors per group; a participant's input stays hidden unless
+            all actors of its group collude.
+        rng: Source of the shuffles; a CSPRNG (``secrets.SystemRandom``) by default,
+            injectable so tests are reproducible.
+
+    Raises:
+        ConfigurationError: bad parameters or duplicate peer ids.
+    """
+    validate_tree_params(len(peer_ids), group_size, num_actors)
+    if len(set(peer_ids)) != len(peer_ids):
+        raise ConfigurationError("peer_ids must be unique")
+    rng = rng if rng is not None else secrets.SystemRandom()
+    participants = list(peer_ids)
+    rng.shuffle(participants)
+    levels: list[tuple[Group, ...]] = []
+    while True:
+        level = len(levels)
+        groups = []
+        start = 0
+        for index, size in enumerate(group_sizes(len(participants), group_size, num_actors)):
+            members = tuple(participants[start : start + size])
+            start += size
+            actors = tuple(rng.sample(members, num_actors))
+            groups.append(Group(level=level, index=index, participants=members, actors=actors))
+        levels.append(tuple(groups))
+        if len(groups) == 1:
+            return AggregationTree(tuple(levels), group_size=group_size, num_actors=num_actors)
+        participants = [a for g in groups for a in g.actors]
+
+
+def check_tree(tree: AggregationTree) -> None:
+    """Check the invariants every tree must hold; used on trees that arrive over the wire.
+
+    Raises:
+        ValueError: which invariant is broken, and where.
+    """
+    if not tree.levels:
+        raise ValueError("tree has no levels")
+    validate_tree_params(len(tree.members), tree.group_size, tree.num_actors)
+    if len(set(tree.members)) != len(tree.members):
+        raise ValueError("level 0 lists a peer twice")
+    expected: list[str] | None = None
+    for li, level in enumerate(tree.levels):
+        if not level:
+            raise ValueError(f"level {li} has no groups")
+        if (len(level) == 1) != (li == len(tree.levels) - 1):
+            raise ValueError("exactly the last level must hold a single group")
+        participants = [p for g in level for p in g.participants]
+        if expected is not None and sorted(participants) != sorted(expected):
+            raise ValueError(f"level {li}'s participants are not level {li - 1}'s actors")
+        if len(set(participants)) != len(participants):
+            raise ValueError(f"level {li} lists a participant twice")
+        for g in level:
+            if len(g.participants) < max(MIN_GROUP_SIZE, tree.num_actors + 1):
+                raise ValueError(f"level {li} group {g.index} is too small to be private")
+            if len(g.actors) != tree.num_actors or len(set(g.actors)) != tree.num_actors:
+                raise ValueError(f"level {li} group {g.index} needs {tree.num_actors} actors")
+            if not set(g.actors) <= set(g.participants):
+                raise ValueError(f"level {li} group {g.index} has an actor from outside")
+        expected = [a for g in level for a in g.actors]
