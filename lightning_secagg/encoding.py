@@ -124,9 +124,18 @@ class Schema:
         return 1 + sum(s.numel for s in self.tensors)
 
     @property
+    def result_offsets(self) -> tuple[int, ...]:
+        """Byte offset of each tensor in the result buffer, 8-byte aligned so views are legal."""
+        offsets, pos = [], 0
+        for spec in self.tensors:
+            offsets.append(pos)
+            pos += _align8(spec.nbytes)
+        return tuple(offsets)
+
+    @property
     def result_nbytes(self) -> int:
-        """Bytes of the decoded result buffer (every tensor in its own dtype)."""
-        return sum(s.nbytes for s in self.tensors)
+        """Bytes of the decoded result buffer (every tensor in its own dtype, 8-byte aligned)."""
+        return sum(_align8(s.nbytes) for s in self.tensors)
 
     def to_wire(self) -> list[list[object]]:
         """Plain lists for a header: ``[[name, [shape...], dtype], ...]``."""
@@ -202,6 +211,10 @@ class Schema:
         diff = self.difference(Schema.of(state_dict, self.frac_bits))
         if diff is not None:
             raise SchemaMismatchError(f"state dict does not match the schema: {diff}")
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
 
 
 def _short_list(names: list[str], limit: int = 5) -> str:
@@ -310,10 +323,9 @@ def decode_total(total: np.ndarray, schema: Schema) -> np.ndarray:
     count = float(signed[0])
     if count <= 0:
         raise EncodingError(f"the summed count slot is {count}: contributions are missing")
-    out = np.empty(schema.result_nbytes, dtype=np.uint8)
+    out = np.zeros(schema.result_nbytes, dtype=np.uint8)
     src = 1
-    dst = 0
-    for spec in schema.tensors:
+    for spec, dst in zip(schema.tensors, schema.result_offsets):
         mean = torch.from_numpy(signed[src : src + spec.numel].astype(np.float64) / count)
         dtype = spec.torch_dtype
         if dtype.is_floating_point:
@@ -326,7 +338,6 @@ def decode_total(total: np.ndarray, schema: Schema) -> np.ndarray:
         raw = value.reshape(-1).view(torch.uint8).numpy()
         out[dst : dst + spec.nbytes] = raw
         src += spec.numel
-        dst += spec.nbytes
     return out
 
 
@@ -343,10 +354,7 @@ def decode_result(
         raise EncodingError(f"result has {data.size} bytes, expected {schema.result_nbytes}")
     storage = torch.from_numpy(data.copy())
     result: dict[str, torch.Tensor] = {}
-    pos = 0
-    for spec in schema.tensors:
-        result[spec.name] = (
-            storage[pos : pos + spec.nbytes].view(spec.torch_dtype).reshape(spec.shape)
-        )
-        pos += spec.nbytes
+    for spec, pos in zip(schema.tensors, schema.result_offsets):
+        chunk = storage[pos : pos + spec.nbytes]
+        result[spec.name] = chunk.view(spec.torch_dtype).reshape(spec.shape)
     return result

