@@ -23,6 +23,7 @@ from lightning_secagg.errors import (
 )
 from lightning_secagg.peer import Peer, RoundStats
 from lightning_secagg.scheduler import Scheduler
+from lightning_secagg.security import KeyPair
 from lightning_secagg.tree import AggregationTree, build_tree
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ __all__ = [
     "AggregationTree",
     "ConfigurationError",
     "EncodingError",
+    "KeyPair",
     "Peer",
     "ProtocolError",
     "RoundAbortedError",

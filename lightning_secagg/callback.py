@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Mapping
@@ -128,8 +129,11 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         session: Name of the aggregation session; only peers of the same session
             are averaged together.
         peer_id: Stable identifier of this peer; ``None`` lets the peer pick one.
-        scheduler_key: The scheduler's public key, when the transport uses one.
-            Only forwarded to the peer when not ``None``.
+        scheduler_key: The scheduler's CURVE public key (as ``lightning-secagg
+            scheduler`` prints it, or ``Scheduler.public_key``) or the path of its
+            public key file. Required unless ``insecure=True``.
+        insecure: Plaintext, unauthenticated links (debugging only); excludes
+            ``scheduler_key``.
         every_n_epochs: Run a round after every ``n``-th training epoch, i.e. when
             ``(epoch + 1) % every_n_epochs == 0`` (``ModelCheckpoint``'s convention).
             All peers of a session must use the same value.
@@ -156,7 +160,8 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         address: str | int = "tcp://127.0.0.1:0",
         session: str = "default",
         peer_id: str | None = None,
-        scheduler_key: str | None = None,
+        scheduler_key: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
         every_n_epochs: int = 1,
         weighting: str = "uniform",
         round_timeout: float = 60.0,
@@ -187,11 +192,30 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 f"`peer_id` must be None or a non-empty string, found {peer_id!r}."
             )
         self.peer_id = peer_id
-        if scheduler_key is not None and (not isinstance(scheduler_key, str) or not scheduler_key):
+        if scheduler_key is not None and (
+            not isinstance(scheduler_key, (str, os.PathLike)) or not os.fspath(scheduler_key)
+        ):
             raise SecureAggregationMisconfigurationError(
-                f"`scheduler_key` must be None or a non-empty string, found {scheduler_key!r}."
+                "`scheduler_key` must be None, the scheduler's public key (str) or the path of"
+                f" its key file, found {scheduler_key!r}."
+            )
+        if not isinstance(insecure, bool):
+            raise SecureAggregationMisconfigurationError(
+                f"`insecure` must be a bool, found {insecure!r}."
+            )
+        if insecure and scheduler_key is not None:
+            raise SecureAggregationMisconfigurationError(
+                "`scheduler_key` and `insecure=True` exclude each other, found both"
+                f" (scheduler_key={scheduler_key!r})."
+            )
+        if not insecure and scheduler_key is None:
+            raise SecureAggregationMisconfigurationError(
+                "`scheduler_key` is required (the public key `lightning-secagg scheduler`"
+                " prints, or its key file); `insecure=True` turns encryption off for"
+                " debugging. Found scheduler_key=None, insecure=False."
             )
         self.scheduler_key = scheduler_key
+        self.insecure = insecure
         if (
             isinstance(every_n_epochs, bool)
             or not isinstance(every_n_epochs, int)
@@ -338,6 +362,8 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         kwargs: dict[str, Any] = {"session": self.session, "peer_id": self.peer_id}
         if self.scheduler_key is not None:
             kwargs["scheduler_key"] = self.scheduler_key
+        if self.insecure:
+            kwargs["insecure"] = True
         return Peer(self.address, self.scheduler, **kwargs)
 
     @override

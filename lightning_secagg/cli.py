@@ -15,10 +15,12 @@ from collections.abc import Sequence
 
 from lightning_secagg.errors import ConfigurationError
 from lightning_secagg.scheduler import Scheduler
+from lightning_secagg.security import KeyPair, write_key_files
 
 
 def _scheduler(args: argparse.Namespace) -> int:
     try:
+        keys = KeyPair.load(args.key_file) if args.key_file else None
         scheduler = Scheduler(
             port=args.port,
             target_size=args.target_size,
@@ -26,6 +28,8 @@ def _scheduler(args: argparse.Namespace) -> int:
             num_actors=args.num_actors,
             host=args.host,
             round_timeout=args.round_timeout,
+            keys=keys,
+            insecure=args.insecure,
         ).start()
     except ConfigurationError as exc:
         print(f"lightning-secagg scheduler: error: {exc}", file=sys.stderr)
@@ -37,6 +41,17 @@ def _scheduler(args: argparse.Namespace) -> int:
         stop.set()
 
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    if scheduler.public_key is not None:
+        origin = (
+            f"from {args.key_file}" if args.key_file else "ephemeral: use --key-file to keep it"
+        )
+        print(
+            f"lightning-secagg scheduler public key: {scheduler.public_key} ({origin})", flush=True
+        )
+    else:
+        print(
+            "lightning-secagg scheduler: WARNING: --insecure, links are NOT encrypted", flush=True
+        )
     print(f"lightning-secagg scheduler listening on {scheduler.address}", flush=True)
     try:
         while not stop.wait(3600):
@@ -46,6 +61,14 @@ def _scheduler(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print("lightning-secagg scheduler stopped", flush=True)
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    public, secret = write_key_files(args.directory, args.name)
+    print(f"public key file: {public}")
+    print(f"secret key file: {secret} (keep it private)")
+    print(f"public key: {KeyPair.load(secret).public}")
     return 0
 
 
@@ -74,7 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="seconds before an unfinished round is aborted",
     )
+    sched.add_argument(
+        "--key-file",
+        default=None,
+        help="the scheduler's .key_secret file (from `lightning-secagg keygen`); "
+        "a fresh key pair is made when omitted",
+    )
+    sched.add_argument(
+        "--insecure", action="store_true", help="plaintext, unauthenticated links (debugging only)"
+    )
     sched.set_defaults(func=_scheduler)
+    keygen = sub.add_parser("keygen", help="write a CURVE key pair (NAME.key, NAME.key_secret)")
+    keygen.add_argument("name", nargs="?", default="scheduler", help="file name stem")
+    keygen.add_argument("--directory", "-d", default=".", help="where to write the files")
+    keygen.set_defaults(func=_keygen)
     return parser
 
 

@@ -325,7 +325,7 @@ def decode_total(total: np.ndarray, schema: Schema) -> np.ndarray:
         raise EncodingError(f"the summed count slot is {count}: contributions are missing")
     out = np.zeros(schema.result_nbytes, dtype=np.uint8)
     src = 1
-    for spec, dst in zip(schema.tensors, schema.result_offsets):
+    for spec, dst in zip(schema.tensors, schema.result_offsets, strict=True):
         mean = torch.from_numpy(signed[src : src + spec.numel].astype(np.float64) / count)
         dtype = spec.torch_dtype
         if dtype.is_floating_point:
@@ -354,7 +354,7 @@ def decode_result(
         raise EncodingError(f"result has {data.size} bytes, expected {schema.result_nbytes}")
     storage = torch.from_numpy(data.copy())
     result: dict[str, torch.Tensor] = {}
-    for spec, pos in zip(schema.tensors, schema.result_offsets):
+    for spec, pos in zip(schema.tensors, schema.result_offsets, strict=True):
         chunk = storage[pos : pos + spec.nbytes]
         result[spec.name] = chunk.view(spec.torch_dtype).reshape(spec.shape)
     return result

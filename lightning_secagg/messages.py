@@ -31,6 +31,7 @@ MAX_SCHEMA_ENTRIES = 100_000
 MAX_NAME_LEN = 1024
 MAX_LEVELS = 64
 
+_Z85_RE = re.compile(r"^[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:@+\-]+$")
 _ENDPOINT_RE = re.compile(
     r"^(tcp://[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}|ipc://[^\s]+|inproc://[^\s]+)$"
@@ -57,6 +58,13 @@ def endpoint(value: Any) -> str:
     """A ZeroMQ endpoint another peer can connect to."""
     if not isinstance(value, str) or len(value) > MAX_ENDPOINT_LEN or not _ENDPOINT_RE.match(value):
         raise HeaderError(f"expected a tcp://, ipc:// or inproc:// endpoint, got {value!r:.80}")
+    return value
+
+
+def public_key(value: Any) -> str:
+    """A 40-character Z85 CurveZMQ public key, or ``""`` on an explicitly insecure link."""
+    if not isinstance(value, str) or not (value == "" or _Z85_RE.match(value)):
+        raise HeaderError("expected a 40-character Z85 public key or an empty string")
     return value
 
 
@@ -120,14 +128,15 @@ def schema_entries(value: Any) -> list[list[Any]]:
 
 
 def member_list(value: Any) -> list[list[str]]:
-    """``[[peer_id, endpoint], ...]`` with unique ids."""
+    """``[[peer_id, endpoint, public_key], ...]`` with unique ids."""
     if not isinstance(value, list) or not 0 < len(value) <= MAX_MEMBERS:
         raise HeaderError("members must be a non-empty list")
     for entry in value:
-        if not (isinstance(entry, list) and len(entry) == 2):
-            raise HeaderError("members entries must be [peer_id, endpoint]")
+        if not (isinstance(entry, list) and len(entry) == 3):
+            raise HeaderError("members entries must be [peer_id, endpoint, public_key]")
         ident(entry[0])
         endpoint(entry[1])
+        public_key(entry[2])
     if len({e[0] for e in value}) != len(value):
         raise HeaderError("members lists a peer twice")
     return value
@@ -196,11 +205,16 @@ class Message:
 
 @dataclass(frozen=True)
 class Signup(Message):
-    """A peer joins a session's waiting queue with its model's layout and weight."""
+    """A peer joins a session's waiting queue with its model's layout, weight and CURVE key.
+
+    The scheduler accepts ``public_key`` only if it is the key of the
+    connection the sign-up arrived on.
+    """
 
     session: str
     peer_id: str
     endpoint: str
+    public_key: str
     weight: float
     frac_bits: int
     schema: list[list[Any]]
@@ -210,6 +224,7 @@ class Signup(Message):
         "session": ident,
         "peer_id": ident,
         "endpoint": endpoint,
+        "public_key": public_key,
         "weight": real(0.0, 1e15, open_lo=True),
         "frac_bits": integer(8, 52),
         "schema": schema_entries,
@@ -255,7 +270,7 @@ class SignupRejected(Message):
 
 @dataclass(frozen=True)
 class Assignment(Message):
-    """A round formed: who is in it, where they listen, the tree, and the deadline."""
+    """A round formed: who is in it, where they listen, their keys, the tree, and the deadline."""
 
     session: str
     round_id: str

@@ -4,12 +4,19 @@ Why synchronous I/O (no background thread): between rounds a peer has
 nothing to answer (ZeroMQ buffers whatever arrives meanwhile), and inside a
 round the caller is blocked anyway. Driving the sockets from ``aggregate()``
 with a ``zmq.Poller`` and one deadline keeps every socket in one thread, makes
-every wait bounded, and leaves nothing running when training runs.
+every wait bounded, and leaves nothing running while training runs.
+
+Security: the inbox is a CURVE server and every outgoing link a CURVE client
+with the peer's own key pair, so a receiver knows exactly which key sent each
+message; round traffic is accepted only when that key is the one the
+scheduler relayed for the claimed sender (see :mod:`lightning_secagg.security`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import secrets
 import time
 from collections import deque
@@ -17,7 +24,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
-import numpy as np
 import torch
 import zmq
 
@@ -54,6 +60,15 @@ from lightning_secagg.messages import (
     ident,
 )
 from lightning_secagg.protocol.peer_round import PeerRound, Send
+from lightning_secagg.security import (
+    KeyPair,
+    ZapHandler,
+    key_fingerprint,
+    make_curve_client,
+    make_curve_server,
+    read_public_key,
+    sender_key,
+)
 from lightning_secagg.sharing import RandomBytes, system_random_bytes
 from lightning_secagg.transport import (
     bind_endpoint,
@@ -96,6 +111,22 @@ class RoundStats:
     roles: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class _Member:
+    endpoint: str
+    public_key: str
+
+
+@dataclass
+class _Round:
+    """What ``aggregate()`` knows once the scheduler has assigned it a round."""
+
+    assignment: Assignment
+    members: dict[str, _Member]
+    state: PeerRound
+    assigned_at: float
+
+
 class Peer:
     """A participant in secure aggregation rounds.
 
@@ -103,6 +134,11 @@ class Peer:
         address: Where to listen, e.g. ``tcp://127.0.0.1:6000`` (port 0: any free port).
         scheduler_address: The scheduler's address, e.g. ``tcp://127.0.0.1:5555``.
         session: Name of the waiting queue; peers of one model share one.
+        scheduler_key: The scheduler's CURVE public key (Z85 text or a key file's
+            path); required unless ``insecure``.
+        keys: This peer's CURVE key pair; a fresh one per peer when omitted.
+        insecure: Plaintext links, no authentication. Only for debugging: anyone
+            on the network can read the shares. Logged loudly every round.
         peer_id: Unique name in the session (random by default).
         advertise: The address other peers connect to, when ``address`` binds
             a wildcard host such as ``0.0.0.0``.
@@ -110,6 +146,9 @@ class Peer:
         linger: Seconds :meth:`stop` lets queued messages leave.
         random_bytes: Randomness for shares (``os.urandom``; injectable for tests).
         clock: Monotonic clock (injectable for tests).
+
+    Raises:
+        ConfigurationError: a bad address, id, key, or a missing ``scheduler_key``.
 
     A peer is used from one thread at a time.
     """
@@ -120,6 +159,9 @@ class Peer:
         scheduler_address: str,
         session: str = "default",
         *,
+        scheduler_key: str | os.PathLike[str] | None = None,
+        keys: KeyPair | None = None,
+        insecure: bool = False,
         peer_id: str | None = None,
         advertise: str | None = None,
         frac_bits: int = DEFAULT_FRAC_BITS,
@@ -128,8 +170,8 @@ class Peer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._bind = bind_endpoint(address)
-        self.scheduler_address = scheduler_address
         bind_endpoint(scheduler_address)
+        self.scheduler_address = scheduler_address
         self.peer_id = peer_id if peer_id is not None else f"peer-{secrets.token_hex(4)}"
         self.session = session
         try:
@@ -145,6 +187,21 @@ class Peer:
                 "with the address other peers should connect to"
             )
         self._advertise = advertise
+        self.insecure = insecure
+        if insecure:
+            if scheduler_key is not None or keys is not None:
+                raise ConfigurationError("scheduler_key/keys and insecure=True exclude each other")
+            self.scheduler_key: str | None = None
+            self.keys: KeyPair | None = None
+        else:
+            if scheduler_key is None:
+                raise ConfigurationError(
+                    "scheduler_key is required: pass the scheduler's public key (printed by "
+                    "`lightning-secagg scheduler`, or Scheduler.public_key) or its .key file; "
+                    "insecure=True turns encryption off (debugging only)"
+                )
+            self.scheduler_key = read_public_key(scheduler_key)
+            self.keys = keys or KeyPair.generate()
         self.frac_bits = frac_bits
         self.linger = linger
         self._random_bytes = random_bytes
@@ -152,13 +209,19 @@ class Peer:
         self._ctx: zmq.Context | None = None
         self._inbox: zmq.Socket | None = None
         self._scheduler: zmq.Socket | None = None
+        self._zap: ZapHandler | None = None
         self._outboxes: dict[str, zmq.Socket] = {}
-        self._early: deque[Message] = deque(maxlen=MAX_EARLY_MESSAGES)
+        self._early: deque[tuple[Message, str | None]] = deque(maxlen=MAX_EARLY_MESSAGES)
         self._finished_rounds: deque[str] = deque(maxlen=64)
         self.endpoint: str | None = None
         self.last_stats: RoundStats | None = None
         self._bytes_sent = 0
         self._bytes_received = 0
+
+    @property
+    def public_key(self) -> str | None:
+        """This peer's CURVE public key (None when insecure)."""
+        return self.keys.public if self.keys else None
 
     # -- lifecycle -------------------------------------------------------
 
@@ -173,19 +236,40 @@ class Peer:
         ctx = zmq.Context()
         inbox = ctx.socket(zmq.PULL)
         inbox.linger = 0
+        zap = None
         try:
+            if self.keys is not None:
+                zap = ZapHandler(ctx)
+                make_curve_server(inbox, self.keys)
             inbox.bind(self._bind)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, ConfigurationError) as exc:
             inbox.close(linger=0)
+            if zap is not None:
+                zap.close()
             ctx.term()
-            raise ConfigurationError(f"cannot listen on {self._bind}: {exc.strerror}") from exc
-        bound = inbox.getsockopt_string(zmq.LAST_ENDPOINT)
+            reason = exc.strerror if isinstance(exc, zmq.ZMQError) else str(exc)
+            raise ConfigurationError(f"cannot listen on {self._bind}: {reason}") from exc
         sched = ctx.socket(zmq.DEALER)
         sched.linger = int(self.linger * 1000)
+        sched.maxmsgsize = codec.MAX_HEADER_BYTES
+        if self.keys is not None and self.scheduler_key is not None:
+            make_curve_client(sched, self.keys, self.scheduler_key)
         sched.connect(self.scheduler_address)
-        self._ctx, self._inbox, self._scheduler = ctx, inbox, sched
-        self.endpoint = self._advertise if self._advertise is not None else bound
-        log.info("peer %s listening on %s", self.peer_id, self.endpoint)
+        self._ctx, self._inbox, self._scheduler, self._zap = ctx, inbox, sched, zap
+        self.endpoint = self._advertise or inbox.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.keys is not None:
+            log.info(
+                "peer %s listening on %s (CURVE, key fingerprint %s)",
+                self.peer_id,
+                self.endpoint,
+                key_fingerprint(self.keys.public),
+            )
+        else:
+            log.warning(
+                "peer %s listening on %s WITHOUT ENCRYPTION (insecure=True)",
+                self.peer_id,
+                self.endpoint,
+            )
         return self
 
     def stop(self) -> None:
@@ -198,8 +282,10 @@ class Peer:
         self._outboxes.clear()
         close_quietly(self._scheduler, linger_ms)
         close_quietly(self._inbox, 0)
+        if self._zap is not None:
+            self._zap.close()
         self._ctx.term()
-        self._ctx = self._inbox = self._scheduler = None
+        self._ctx = self._inbox = self._scheduler = self._zap = None
         log.info("peer %s stopped", self.peer_id)
 
     def __enter__(self) -> Peer:
@@ -248,12 +334,17 @@ class Peer:
         """
         if self._ctx is None:
             raise LocalProtocolError("call start() (or use the peer as a context manager) first")
-        if not (isinstance(weight, (int, float)) and np.isfinite(weight) and weight > 0):
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not (math.isfinite(weight) and weight > 0)
+        ):
             raise ConfigurationError(f"weight must be a finite number > 0, got {weight!r}")
         if not timeout > 0:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
         schema = Schema.of(state_dict, self.frac_bits)
         check_values(state_dict, self.frac_bits)
+        self._limit_inbox(schema)
         started = self._clock()
         deadline = started + timeout
         sent0, recv0 = self._bytes_sent, self._bytes_received
@@ -262,95 +353,50 @@ class Peer:
                 self.session,
                 self.peer_id,
                 self.endpoint or "",
+                self.public_key or "",
                 float(weight),
                 self.frac_bits,
                 schema.to_wire(),
             )
         )
-        assignment: Assignment | None = None
-        members: dict[str, str] = {}
-        state: PeerRound | None = None
-        assigned_at = started
+        rnd: _Round | None = None
         poller = zmq.Poller()
-        poller.register(self._inbox, zmq.POLLIN)
-        poller.register(self._scheduler, zmq.POLLIN)
-        while state is None or not state.done:
+        for sock in (self._inbox, self._scheduler, self._zap.socket if self._zap else None):
+            if sock is not None:
+                poller.register(sock, zmq.POLLIN)
+        while rnd is None or not rnd.state.done:
             remaining = deadline - self._clock()
             if remaining <= 0:
-                self._give_up(state, assignment)
-                what = (
-                    f"{state.waiting_for()}"
-                    if state is not None
-                    else "a round assignment from the scheduler (fewer peers than the round size "
-                    "have signed up, or the scheduler is unreachable)"
-                )
-                rid = f" in round {assignment.round_id}" if assignment else ""
-                raise RoundTimeoutError(
-                    f"peer {self.peer_id} timed out after {timeout:g} s{rid} waiting for {what}"
-                )
-            events = dict(poller.poll(timeout=max(1, int(remaining * 1000))))
+                self._give_up(rnd)
+                raise RoundTimeoutError(self._timeout_message(rnd, timeout))
+            events = dict(poller.poll(timeout=max(1, math.ceil(remaining * 1000))))
+            if self._zap is not None and self._zap.socket in events:
+                self._zap.handle()
             if self._scheduler in events:
-                msg = self._recv(self._scheduler, codec.MAX_HEADER_BYTES, FROM_SCHEDULER)
-                if isinstance(msg, Assignment) and assignment is None:
-                    assignment, members, state = self._accept_assignment(
-                        msg, state_dict, weight, schema
-                    )
-                    if state is not None:
-                        assigned_at = self._clock()
-                        self._deliver(members, state.start())
-                        # Shares that raced ahead of our assignment.
-                        early = [
-                            m for m in self._early if getattr(m, "round_id", None) == msg.round_id
-                        ]
-                        self._early.clear()
-                        for m in early:
-                            self._feed(state, members, m)
-                        deadline = min(deadline, assigned_at + msg.deadline_s)
+                msg, _ = self._recv(self._scheduler, codec.MAX_HEADER_BYTES, FROM_SCHEDULER)
+                if isinstance(msg, Assignment) and rnd is None:
+                    rnd = self._accept_assignment(msg, state_dict, weight, schema)
+                    if rnd is not None:
+                        deadline = min(deadline, rnd.assigned_at + msg.deadline_s)
                 elif msg is not None:
-                    self._on_scheduler_message(msg, assignment)
+                    self._on_scheduler_message(msg, rnd)
             if self._inbox in events:
-                msg = self._recv(self._inbox, codec.MAX_PEER_HEADER_BYTES, PEER_TO_PEER)
+                msg, key = self._recv(self._inbox, codec.MAX_PEER_HEADER_BYTES, PEER_TO_PEER)
                 if msg is None:
                     continue
-                if state is not None:
-                    self._feed(state, members, msg)
+                if rnd is not None:
+                    self._feed(rnd, msg, key)
                 elif getattr(msg, "round_id", None) not in self._finished_rounds:
-                    self._early.append(msg)
-        result = state.result
-        if assignment is None or result is None:  # pragma: no cover - loop invariant
-            raise LocalProtocolError("round finished without a result")
-        finished = self._clock()
-        self._finished_rounds.append(assignment.round_id)
-        self.last_stats = RoundStats(
-            round_id=assignment.round_id,
-            seconds=finished - started,
-            round_seconds=finished - assigned_at,
-            bytes_sent=self._bytes_sent - sent0,
-            bytes_received=self._bytes_received - recv0,
-            num_peers=len(members),
-            depth=state.tree.depth,
-            roles=state.roles,
-        )
-        self._send_scheduler(
-            Done(
-                assignment.round_id,
-                self.peer_id,
-                self.last_stats.round_seconds,
-                self.last_stats.bytes_sent,
-                self.last_stats.bytes_received,
-            )
-        )
-        log.info(
-            "peer %s finished round %s in %.3f s (%d B sent, %d B received)",
-            self.peer_id,
-            assignment.round_id,
-            self.last_stats.round_seconds,
-            self.last_stats.bytes_sent,
-            self.last_stats.bytes_received,
-        )
-        return decode_result(result, schema)
+                    self._early.append((msg, key))
+        return self._finish(rnd, schema, started, sent0, recv0)
 
     # -- internals -------------------------------------------------------
+
+    def _limit_inbox(self, schema: Schema) -> None:
+        # Applies to connections made from now on, i.e. to this round's members.
+        limit = max(8 * schema.vector_size, schema.result_nbytes) + codec.MAX_PEER_HEADER_BYTES
+        if self._inbox is not None and self._inbox.maxmsgsize < limit:
+            self._inbox.maxmsgsize = limit
 
     def _accept_assignment(
         self,
@@ -358,37 +404,42 @@ class Peer:
         state_dict: Mapping[str, torch.Tensor],
         weight: float,
         schema: Schema,
-    ) -> tuple[Assignment | None, dict[str, str], PeerRound | None]:
-        members = {pid: ep for pid, ep in msg.members}
+    ) -> _Round | None:
+        members = {pid: _Member(ep, key) for pid, ep, key in msg.members}
         if msg.session != self.session or self.peer_id not in members:
             log.warning("ignoring an assignment for session %r that does not name us", msg.session)
-            return None, {}, None
+            return None
         try:
             tree = AggregationTree.from_wire(msg.tree, msg.group_size, msg.num_actors)
         except (ValueError, TypeError) as exc:
             log.warning("ignoring a malformed assignment for round %s: %s", msg.round_id, exc)
-            return None, {}, None
+            return None
         if set(tree.members) != set(members):
             log.warning("ignoring assignment %s: tree and member list differ", msg.round_id)
-            return None, {}, None
+            return None
+        if not self.insecure and any(m.public_key == "" for m in members.values()):
+            log.warning("ignoring assignment %s: a member has no CURVE key", msg.round_id)
+            return None
         share = weight / msg.total_weight
         if not 0 < share <= 1:
             log.warning(
-                "ignoring assignment %s: total weight %g < own weight",
+                "ignoring assignment %s: total weight %g below our own",
                 msg.round_id,
                 msg.total_weight,
             )
-            return None, {}, None
-        vector = encode(state_dict, schema, share)
+            return None
         state = PeerRound(
             me=self.peer_id,
             round_id=msg.round_id,
             tree=tree,
-            vector=vector,
+            vector=encode(state_dict, schema, share),
             finalize=lambda total: decode_total(total, schema),
             result_nbytes=schema.result_nbytes,
             random_bytes=self._random_bytes,
         )
+        rnd = _Round(msg, members, state, self._clock())
+        if self.insecure:
+            log.warning("round %s runs WITHOUT ENCRYPTION (insecure=True)", msg.round_id)
         log.info(
             "peer %s joined round %s of %d peers as %s",
             self.peer_id,
@@ -396,9 +447,61 @@ class Peer:
             len(members),
             ", ".join(state.roles),
         )
-        return msg, members, state
+        self._deliver(rnd, state.start())
+        early = [(m, k) for m, k in self._early if getattr(m, "round_id", None) == msg.round_id]
+        self._early.clear()
+        for m, k in early:  # shares that raced ahead of our assignment
+            self._feed(rnd, m, k)
+        return rnd
 
-    def _on_scheduler_message(self, msg: Message, assignment: Assignment | None) -> None:
+    def _finish(
+        self, rnd: _Round, schema: Schema, started: float, sent0: int, recv0: int
+    ) -> dict[str, torch.Tensor]:
+        result = rnd.state.result
+        if result is None:  # pragma: no cover - loop invariant
+            raise LocalProtocolError("round finished without a result")
+        finished = self._clock()
+        round_id = rnd.assignment.round_id
+        self._finished_rounds.append(round_id)
+        stats = RoundStats(
+            round_id=round_id,
+            seconds=finished - started,
+            round_seconds=finished - rnd.assigned_at,
+            bytes_sent=self._bytes_sent - sent0,
+            bytes_received=self._bytes_received - recv0,
+            num_peers=len(rnd.members),
+            depth=rnd.state.tree.depth,
+            roles=rnd.state.roles,
+        )
+        self.last_stats = stats
+        self._send_scheduler(
+            Done(
+                round_id, self.peer_id, stats.round_seconds, stats.bytes_sent, stats.bytes_received
+            )
+        )
+        log.info(
+            "peer %s finished round %s in %.3f s (%d B sent, %d B received)",
+            self.peer_id,
+            round_id,
+            stats.round_seconds,
+            stats.bytes_sent,
+            stats.bytes_received,
+        )
+        return decode_result(result, schema)
+
+    def _timeout_message(self, rnd: _Round | None, timeout: float) -> str:
+        if rnd is None:
+            what = (
+                "a round assignment from the scheduler (fewer peers than the round size have "
+                "signed up, the scheduler is unreachable, or its key is not the one given)"
+            )
+            return f"peer {self.peer_id} timed out after {timeout:g} s waiting for {what}"
+        return (
+            f"peer {self.peer_id} timed out after {timeout:g} s in round "
+            f"{rnd.assignment.round_id} waiting for {rnd.state.waiting_for()}"
+        )
+
+    def _on_scheduler_message(self, msg: Message, rnd: _Round | None) -> None:
         if isinstance(msg, SignupAck):
             log.debug("peer %s queued (%d waiting)", self.peer_id, msg.queued)
         elif isinstance(msg, SignupRejected):
@@ -407,7 +510,7 @@ class Peer:
             cls = SchemaMismatchError if msg.code == "schema_mismatch" else SignupRejectedError
             raise cls(f"scheduler refused peer {self.peer_id}: {msg.reason}")
         elif isinstance(msg, Abort):
-            if assignment is not None and msg.round_id == assignment.round_id:
+            if rnd is not None and msg.round_id == rnd.assignment.round_id:
                 self._finished_rounds.append(msg.round_id)
                 raise RoundAbortedError(
                     f"round {msg.round_id} aborted by the scheduler: {msg.reason}"
@@ -416,29 +519,44 @@ class Peer:
         elif isinstance(msg, Assignment):
             log.warning("ignoring a second assignment (round %s) while in a round", msg.round_id)
 
-    def _feed(self, state: PeerRound, members: dict[str, str], msg: Message) -> None:
+    def _feed(self, rnd: _Round, msg: Message, key: str | None) -> None:
+        sender = getattr(msg, "sender", None)
+        member = rnd.members.get(sender) if isinstance(sender, str) else None
+        if not self.insecure and (member is None or key != member.public_key):
+            log.warning(
+                "peer %s dropped a %s claiming to be from %s: its connection's key (%s) is "
+                "not that member's",
+                self.peer_id,
+                msg.TYPE,
+                sender,
+                key_fingerprint(key) if key else "none",
+            )
+            return
         try:
-            sends = state.receive(msg)
+            sends = rnd.state.receive(msg)
         except RemoteProtocolError as exc:
             log.warning("peer %s dropped a %s: %s", self.peer_id, msg.TYPE, exc)
             return
-        self._deliver(members, sends)
+        self._deliver(rnd, sends)
 
-    def _deliver(self, members: dict[str, str], sends: list[Send]) -> None:
+    def _deliver(self, rnd: _Round, sends: list[Send]) -> None:
         for send in sends:
-            sock = self._outbox(members[send.to])
+            sock = self._outbox(rnd.members[send.to])
             self._bytes_sent += send_message(sock, send.message)
 
-    def _outbox(self, endpoint: str) -> zmq.Socket:
-        sock = self._outboxes.get(endpoint)
+    def _outbox(self, member: _Member) -> zmq.Socket:
+        key = f"{member.endpoint}|{member.public_key}"
+        sock = self._outboxes.get(key)
         if sock is None:
             if self._ctx is None:  # pragma: no cover - aggregate() checks first
                 raise LocalProtocolError("peer is stopped")
             sock = self._ctx.socket(zmq.PUSH)
             sock.linger = int(self.linger * 1000)
             sock.sndhwm = 10_000
-            sock.connect(endpoint)
-            self._outboxes[endpoint] = sock
+            if self.keys is not None:
+                make_curve_client(sock, self.keys, member.public_key)
+            sock.connect(member.endpoint)
+            self._outboxes[key] = sock
         return sock
 
     def _send_scheduler(self, msg: Message) -> None:
@@ -446,21 +564,22 @@ class Peer:
 
     def _recv(
         self, sock: zmq.Socket, max_header: int, allowed: tuple[type[Message], ...]
-    ) -> Message | None:
+    ) -> tuple[Message | None, str | None]:
         frames = sock.recv_multipart(copy=False)
         self._bytes_received += frames_nbytes(frames)
+        key = sender_key(frames[0]) if not self.insecure else None
         try:
-            return receive_message(frames, max_header, allowed)
+            return receive_message(frames, max_header, allowed), key
         except RemoteProtocolError as exc:
             log.warning("peer %s dropped a malformed message: %s", self.peer_id, exc)
-            return None
+            return None, key
 
-    def _give_up(self, state: PeerRound | None, assignment: Assignment | None) -> None:
+    def _give_up(self, rnd: _Round | None) -> None:
         try:
-            if assignment is not None:
-                reason = f"timed out waiting for {state.waiting_for() if state else 'the round'}"
-                self._send_scheduler(Abort(assignment.round_id, self.peer_id, reason[:4000]))
-                self._finished_rounds.append(assignment.round_id)
+            if rnd is not None:
+                reason = f"timed out waiting for {rnd.state.waiting_for()}"
+                self._send_scheduler(Abort(rnd.assignment.round_id, self.peer_id, reason[:4000]))
+                self._finished_rounds.append(rnd.assignment.round_id)
             else:
                 self._send_scheduler(Leave(self.session, self.peer_id))
         except RoundFailedError as exc:

@@ -20,6 +20,13 @@ from lightning_secagg import codec
 from lightning_secagg.errors import ConfigurationError, RemoteProtocolError, RoundFailedError
 from lightning_secagg.messages import TO_SCHEDULER
 from lightning_secagg.protocol.scheduler_state import Outgoing, SchedulerState
+from lightning_secagg.security import (
+    KeyPair,
+    ZapHandler,
+    key_fingerprint,
+    make_curve_server,
+    sender_key,
+)
 from lightning_secagg.transport import bind_endpoint, receive_message, send_message
 from lightning_secagg.tree import validate_tree_params
 
@@ -35,6 +42,11 @@ class Scheduler:
         group_size: Participants per group of the aggregation tree.
         num_actors: Actors per group (``2 <= num_actors < group_size``).
         host: Interface to bind, e.g. ``127.0.0.1`` or ``0.0.0.0``.
+        keys: The scheduler's long-term CURVE key pair (see ``lightning-secagg keygen``
+            and :meth:`KeyPair.load`); a fresh one when omitted. Peers need
+            :attr:`public_key`.
+        insecure: Plaintext, unauthenticated links. Only for debugging: anyone on
+            the network can then read every share. Logged loudly every round.
         round_timeout: Seconds after which an unfinished round is aborted for all members.
         clock: Monotonic clock (injectable for tests).
 
@@ -50,10 +62,16 @@ class Scheduler:
         num_actors: int = 2,
         host: str = "127.0.0.1",
         *,
+        keys: KeyPair | None = None,
+        insecure: bool = False,
         round_timeout: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         validate_tree_params(target_size, group_size, num_actors)
+        if insecure and keys is not None:
+            raise ConfigurationError("keys and insecure=True exclude each other")
+        self.insecure = insecure
+        self.keys = None if insecure else (keys or KeyPair.generate())
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigurationError(f"port must be an int in [0, 65535], got {port!r}")
         if not round_timeout > 0:
@@ -61,7 +79,12 @@ class Scheduler:
         self._bind = bind_endpoint(f"tcp://{host}:{port}")
         self._clock = clock
         self.state = SchedulerState(
-            target_size, group_size, num_actors, round_timeout=round_timeout, clock=clock
+            target_size,
+            group_size,
+            num_actors,
+            round_timeout=round_timeout,
+            clock=clock,
+            insecure=insecure,
         )
         self._ctx: zmq.Context | None = None
         self._thread: threading.Thread | None = None
@@ -69,6 +92,11 @@ class Scheduler:
         self._error: BaseException | None = None
         self._wake_addr = f"inproc://scheduler-wake-{id(self)}"
         self.address: str | None = None
+
+    @property
+    def public_key(self) -> str | None:
+        """The CURVE public key peers must be given (None when insecure)."""
+        return self.keys.public if self.keys else None
 
     def start(self) -> Scheduler:
         """Bind and start serving; returns once the socket listens.
@@ -90,7 +118,18 @@ class Scheduler:
             self._ctx.term()
             self._ctx = None
             raise ConfigurationError(f"scheduler cannot listen on {self._bind}: {self._error}")
-        log.info("scheduler listening on %s", self.address)
+        if self.keys is not None:
+            log.info(
+                "scheduler listening on %s (CURVE, key fingerprint %s)",
+                self.address,
+                key_fingerprint(self.keys.public),
+            )
+        else:
+            log.warning(
+                "scheduler listening on %s WITHOUT ENCRYPTION (insecure=True): anyone on the "
+                "network can read and forge every message",
+                self.address,
+            )
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -139,22 +178,31 @@ class Scheduler:
         router = ctx.socket(zmq.ROUTER)
         router.linger = 0
         router.router_mandatory = True
+        router.maxmsgsize = codec.MAX_HEADER_BYTES
         wake = ctx.socket(zmq.PAIR)
         wake.linger = 0
+        zap: ZapHandler | None = None
         try:
             wake.bind(self._wake_addr)
+            if self.keys is not None:
+                zap = ZapHandler(ctx)
+                make_curve_server(router, self.keys)
             router.bind(self._bind)
             self.address = router.getsockopt_string(zmq.LAST_ENDPOINT)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, ConfigurationError) as exc:
             self._error = exc
             router.close(linger=0)
             wake.close(linger=0)
+            if zap is not None:
+                zap.close()
             self._ready.set()
             return
         self._ready.set()
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
+        if zap is not None:
+            poller.register(zap.socket, zmq.POLLIN)
         try:
             while True:
                 due = self.state.next_deadline()
@@ -162,6 +210,8 @@ class Scheduler:
                 events = dict(poller.poll(timeout_ms))
                 if wake in events:
                     return
+                if zap is not None and zap.socket in events:
+                    zap.handle()
                 out: list[Outgoing] = []
                 if router in events:
                     out += self._handle(router)
@@ -171,13 +221,22 @@ class Scheduler:
         finally:
             router.close(linger=0)
             wake.close(linger=0)
+            if zap is not None:
+                zap.close()
 
     def _handle(self, router: zmq.Socket) -> list[Outgoing]:
         frames = router.recv_multipart(copy=False)
         conn = frames[0].bytes
+        if len(frames) < 2:
+            log.warning("scheduler dropped an empty message")
+            return []
+        key = None if self.insecure else sender_key(frames[1])
+        if not self.insecure and key is None:
+            log.warning("scheduler dropped a message from an unauthenticated connection")
+            return []
         try:
             msg = receive_message(frames[1:], codec.MAX_HEADER_BYTES, TO_SCHEDULER)
-            return self.state.receive(conn, msg)
+            return self.state.receive(conn, msg, key)
         except RemoteProtocolError as exc:
             log.warning("scheduler dropped a message: %s", exc)
             return []

@@ -82,6 +82,7 @@ class SchedulerState:
         num_actors: Actors per group.
         round_timeout: Seconds a round may take before it is aborted for everyone.
         clock: Monotonic seconds.
+        insecure: Links are plaintext; said loudly in the log of every round.
         rng: Shuffle randomness for the tree (a CSPRNG in production).
         new_round_id: Round id factory.
     """
@@ -96,6 +97,7 @@ class SchedulerState:
         clock: Callable[[], float],
         rng: ShuffleRandom | None = None,
         new_round_id: Callable[[], str] = default_round_id,
+        insecure: bool = False,
     ) -> None:
         validate_tree_params(target_size, group_size, num_actors)
         self.target_size = target_size
@@ -105,18 +107,33 @@ class SchedulerState:
         self._clock = clock
         self._rng = rng if rng is not None else secrets.SystemRandom()
         self._new_round_id = new_round_id
+        self.insecure = insecure
         self.sessions: dict[str, _Session] = {}
         self.rounds: dict[str, ActiveRound] = {}
         self.completed_rounds = 0
         self.aborted_rounds = 0
 
-    def receive(self, conn: bytes, message: Message) -> list[Outgoing]:
+    def receive(self, conn: bytes, message: Message, key: str | None = None) -> list[Outgoing]:
         """Handle one message from a peer.
+
+        Args:
+            conn: The connection it arrived on.
+            message: The decoded message.
+            key: The connection's authenticated CURVE public key; None on an
+                insecure scheduler, where keys are not checked.
 
         Raises:
             RemoteProtocolError: the message makes no sense here (state unchanged).
         """
         if isinstance(message, Signup):
+            if key is not None and message.public_key != key:
+                reason = "the sign-up's public key is not the key of its connection"
+                log.warning("refusing %s: %s", message.peer_id, reason)
+                return [
+                    Outgoing(
+                        conn, SignupRejected(message.session, message.peer_id, "bad_key", reason)
+                    )
+                ]
             return self._signup(conn, message)
         if isinstance(message, Done):
             return self._done(conn, message)
@@ -171,7 +188,9 @@ class SchedulerState:
         out: list[Outgoing] = []
         # A member signing up again before its Done has left its round: it cannot finish.
         for rnd in [
-            r for r in self.rounds.values() if msg.peer_id in r.members and msg.peer_id not in r.done
+            r
+            for r in self.rounds.values()
+            if msg.peer_id in r.members and msg.peer_id not in r.done
         ]:
             out += self._abort(rnd, f"peer {msg.peer_id} left the round and signed up again")
         session = self.sessions.setdefault(msg.session, _Session())
@@ -220,6 +239,11 @@ class SchedulerState:
             started=now,
         )
         self.rounds[round_id] = rnd
+        if self.insecure:
+            log.warning(
+                "round %s runs WITHOUT ENCRYPTION (insecure=True): shares travel in plaintext",
+                round_id,
+            )
         log.info(
             "round %s of session %r: %d peers, depth %d, tree %s",
             round_id,
@@ -231,7 +255,7 @@ class SchedulerState:
         assignment = Assignment(
             session=name,
             round_id=round_id,
-            members=[[w.signup.peer_id, w.signup.endpoint] for w in chosen],
+            members=[[w.signup.peer_id, w.signup.endpoint, w.signup.public_key] for w in chosen],
             tree=tree.to_wire(),
             group_size=self.group_size,
             num_actors=self.num_actors,

@@ -97,6 +97,7 @@ def run_peers(
     common: list[str] | None = None,
     timeout: float = 90.0,
     tag: str = "peer",
+    scheduler_key: str | None = None,
 ) -> tuple[list[int | None], list[Path], str]:
     """Run ``count`` BoringModel peers to completion; returns codes, out dirs and logs."""
     procs, outs, log_paths = [], [], []
@@ -114,6 +115,8 @@ def run_peers(
                 str(out),
             ]
             args += common or []
+            if scheduler_key is not None:
+                args += ["--scheduler-key", scheduler_key]
             if extra is not None:
                 args += extra[i]
             log_path = tmp_path / f"{tag}{i}.log"

@@ -41,6 +41,7 @@ def main() -> int:
     parser.add_argument("--on-failure", default="raise")
     parser.add_argument("--round-timeout", type=float, default=60.0)
     parser.add_argument("--session", default="default")
+    parser.add_argument("--scheduler-key", default=None, help="None: insecure links")
     parser.add_argument("--ddp", action="store_true", help="strategy=ddp on 2 CPU processes")
     parser.add_argument("--resume", type=Path, default=None, help="checkpoint to resume from")
     parser.add_argument("--ckpt-dir", type=Path, default=None)
@@ -81,6 +82,8 @@ def main() -> int:
         on_failure=args.on_failure,
         round_timeout=args.round_timeout,
         peer_id=f"peer{args.index}",
+        scheduler_key=args.scheduler_key,
+        insecure=args.scheduler_key is None,
     )
     callbacks: list = [callback]
     if args.ckpt_dir is not None:

@@ -35,6 +35,8 @@ def make_state(index: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scheduler", required=True)
+    parser.add_argument("--scheduler-key", default=None)
+    parser.add_argument("--insecure", action="store_true")
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--rounds", type=int, default=1)
@@ -43,7 +45,14 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     records = []
-    with Peer("tcp://127.0.0.1:0", args.scheduler, peer_id=f"peer{args.index}") as peer:
+    peer = Peer(
+        "tcp://127.0.0.1:0",
+        args.scheduler,
+        peer_id=f"peer{args.index}",
+        scheduler_key=args.scheduler_key,
+        insecure=args.insecure,
+    )
+    with peer:
         for r in range(args.rounds):
             result = peer.aggregate(make_state(args.index, 1.0 + r), args.weight, args.timeout)
             raw = hashlib.sha256()
@@ -52,20 +61,22 @@ def main() -> int:
                 raw.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
                 values[name] = t.double().numpy().tolist()
             stats = peer.last_stats
-            records.append({
-                "digest": raw.hexdigest(),
-                "dtypes": {k: str(v.dtype) for k, v in result.items()},
-                "shapes": {k: list(v.shape) for k, v in result.items()},
-                "values": values,
-                "stats": {
-                    "round_id": stats.round_id,
-                    "bytes_sent": stats.bytes_sent,
-                    "bytes_received": stats.bytes_received,
-                    "num_peers": stats.num_peers,
-                    "roles": list(stats.roles),
-                    "round_seconds": stats.round_seconds,
-                },
-            })
+            records.append(
+                {
+                    "digest": raw.hexdigest(),
+                    "dtypes": {k: str(v.dtype) for k, v in result.items()},
+                    "shapes": {k: list(v.shape) for k, v in result.items()},
+                    "values": values,
+                    "stats": {
+                        "round_id": stats.round_id,
+                        "bytes_sent": stats.bytes_sent,
+                        "bytes_received": stats.bytes_received,
+                        "num_peers": stats.num_peers,
+                        "roles": list(stats.roles),
+                        "round_seconds": stats.round_seconds,
+                    },
+                }
+            )
     with open(args.out, "w") as f:
         json.dump(records, f)
     return 0

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import selectors
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,8 +31,8 @@ def python_env() -> dict[str, str]:
 
 def start_scheduler(
     *args: str, console_script: bool = False, timeout: float = 30.0
-) -> tuple[subprocess.Popen[str], str]:
-    """Start the scheduler CLI and wait (bounded) for the line with its address."""
+) -> tuple[subprocess.Popen[str], str, str | None]:
+    """Start the scheduler CLI; wait (bounded) for its address and public key lines."""
     if console_script:
         exe = Path(sys.executable).with_name("lightning-secagg")
         cmd = [str(exe), "scheduler", *args]
@@ -40,30 +41,56 @@ def start_scheduler(
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=python_env()
     )
+    key = None
+    if "--insecure" not in args:
+        key = read_line_matching(proc, "public key:", timeout).split("public key: ")[1].split()[0]
     line = read_line_matching(proc, "listening on", timeout)
-    return proc, line.rsplit(" ", 1)[-1].strip()
+    return proc, line.rsplit(" ", 1)[-1].strip(), key
+
+
+_readers: dict[int, queue.Queue[str | None]] = {}
+
+
+def _lines(proc: subprocess.Popen[str]) -> queue.Queue[str | None]:
+    """A queue fed by a daemon thread with ``proc``'s stdout lines (None at EOF)."""
+    q = _readers.get(proc.pid)
+    if q is None:
+        q = _readers[proc.pid] = queue.Queue()
+        stdout = proc.stdout
+        assert stdout is not None
+
+        def pump() -> None:
+            for line in stdout:
+                q.put(line)
+            q.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+    return q
 
 
 def read_line_matching(proc: subprocess.Popen[str], needle: str, timeout: float) -> str:
     """Read ``proc``'s stdout until a line contains ``needle``; fail after ``timeout`` seconds."""
-    assert proc.stdout is not None
+    q = _lines(proc)
     deadline = time.monotonic() + timeout
     seen = []
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
-                break
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            if needle in line:
-                return line
-    raise AssertionError(f"no line with {needle!r} within {timeout}s; output: {''.join(seen)[-2000:]}")
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = q.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(
+        f"no line with {needle!r} within {timeout}s; output: {''.join(seen)[-2000:]}"
+    )
 
 
-def stop_all(procs: list[subprocess.Popen[str]], sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
+def stop_all(
+    procs: list[subprocess.Popen[str]], sig: int = signal.SIGTERM, grace: float = 5.0
+) -> None:
     """End every process by its PID: ``sig`` first, SIGKILL after ``grace`` seconds."""
     for p in procs:
         if p.poll() is None:

@@ -26,6 +26,7 @@ def test_ddp_peer_with_two_plain_peers(tmp_path):
             tmp_path,
             sched.address,
             3,
+            scheduler_key=sched.public_key,
             extra=[["--ddp"], [], []],
             common=["--max-epochs", "2"],
             timeout=240,

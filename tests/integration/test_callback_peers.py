@@ -41,6 +41,7 @@ def test_three_peers_identical_weights_metrics_and_resume(tmp_path, scheduler):
         tmp_path,
         scheduler.address,
         3,
+        scheduler_key=scheduler.public_key,
         extra=[["--ckpt-dir", str(tmp_path / f"ckpt{i}")] for i in range(3)],
         common=["--max-epochs", "2"],
         timeout=150,
@@ -69,6 +70,7 @@ def test_three_peers_identical_weights_metrics_and_resume(tmp_path, scheduler):
         tmp_path,
         scheduler.address,
         3,
+        scheduler_key=scheduler.public_key,
         extra=[
             [
                 "--ckpt-dir",
@@ -96,7 +98,11 @@ def test_weighting_by_samples(tmp_path, scheduler):
     # BoringModel's dataset has 64 samples on every peer, so the weights are equal
     # but they travel through the real protocol; peers differ only in their start.
     codes, outs, text = run_peers(
-        tmp_path, scheduler.address, 3, common=["--max-epochs", "1", "--weighting", "samples"]
+        tmp_path,
+        scheduler.address,
+        3,
+        scheduler_key=scheduler.public_key,
+        common=["--max-epochs", "1", "--weighting", "samples"],
     )
     assert codes == [0, 0, 0], text
     _check_identical_and_mean(outs)
@@ -109,6 +115,7 @@ def test_missing_peer_keep_local_and_raise(tmp_path, scheduler):
         tmp_path,
         scheduler.address,
         2,
+        scheduler_key=scheduler.public_key,
         extra=[["--on-failure", "keep_local"], ["--on-failure", "raise"]],
         common=["--max-epochs", "2", "--round-timeout", "3", "--session", "lonely"],
         timeout=120,
@@ -132,6 +139,7 @@ def test_lightning_pytorch_trainer_peers(tmp_path, scheduler):
         tmp_path,
         scheduler.address,
         3,
+        scheduler_key=scheduler.public_key,
         extra=[["--lightning"], [], ["--lightning"]],  # both Trainer families in one round
         common=["--max-epochs", "1"],
     )

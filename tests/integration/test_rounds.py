@@ -27,23 +27,53 @@ EPS = {
 
 
 def run_round(
-    tmp_path: Path, n: int, group_size: int, num_actors: int, rounds: int = 1,
+    tmp_path: Path,
+    n: int,
+    group_size: int,
+    num_actors: int,
+    rounds: int = 1,
     console_script: bool = False,
 ) -> list[list[dict]]:
     port = free_port()
-    sched, address = start_scheduler(
-        "--port", str(port), "--target-size", str(n), "--group-size", str(group_size),
-        "--num-actors", str(num_actors), "--round-timeout", "120", console_script=console_script,
+    sched, address, key = start_scheduler(
+        "--port",
+        str(port),
+        "--target-size",
+        str(n),
+        "--group-size",
+        str(group_size),
+        "--num-actors",
+        str(num_actors),
+        "--round-timeout",
+        "120",
+        console_script=console_script,
     )
     procs = [sched]
     try:
         outs = [tmp_path / f"peer{i}.json" for i in range(n)]
         for i in range(n):
-            procs.append(subprocess.Popen(
-                [sys.executable, str(WORKER), "--scheduler", address, "--index", str(i),
-                 "--out", str(outs[i]), "--rounds", str(rounds), "--weight", str(i + 1)],
-                cwd=REPO, env={**python_env(), "PYTHONPATH": str(REPO)},
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(WORKER),
+                        "--scheduler",
+                        address,
+                        "--index",
+                        str(i),
+                        "--out",
+                        str(outs[i]),
+                        "--rounds",
+                        str(rounds),
+                        "--weight",
+                        str(i + 1),
+                        "--scheduler-key",
+                        key,
+                    ],
+                    cwd=REPO,
+                    env={**python_env(), "PYTHONPATH": str(REPO)},
+                )
+            )
         for p in procs[1:]:
             assert p.wait(timeout=240) == 0, "a peer process failed"
         return [json.loads(o.read_text()) for o in outs]
@@ -56,7 +86,7 @@ def weighted_reference(n: int, scale: float) -> dict[str, torch.Tensor]:
     weights = torch.tensor([float(i + 1) for i in range(n)], dtype=torch.float64)
     weights /= weights.sum()
     return {
-        name: sum(w * s[name].double() for w, s in zip(weights, states))
+        name: sum(w * s[name].double() for w, s in zip(weights, states, strict=True))
         for name in states[0]
     }
 
@@ -93,8 +123,9 @@ def check_results(results: list[list[dict]], n: int, rounds: int) -> None:
 def test_round_matches_weighted_mean_and_is_identical(tmp_path, n, group_size, num_actors):
     results = run_round(tmp_path, n, group_size, num_actors, rounds=2)
     check_results(results, n, rounds=2)
-    depth = max(len([x for x in rec[0]["stats"]["roles"] if x.startswith("participant")])
-                for rec in results)
+    depth = max(
+        len([x for x in rec[0]["stats"]["roles"] if x.startswith("participant")]) for rec in results
+    )
     assert depth <= math.ceil(math.log(n / 3) / math.log(group_size / num_actors)) + 2
 
 

@@ -92,6 +92,11 @@ class FakePeer:
 
 
 class FakeCallback(SecureAggregationCallback):
+    def __init__(self, **kwargs: Any) -> None:
+        if "scheduler_key" not in kwargs:
+            kwargs.setdefault("insecure", True)
+        super().__init__(**kwargs)
+
     def _create_peer(self) -> FakePeer:  # type: ignore[override]
         return FakePeer(
             self.address, self.scheduler, session=self.session, scheduler_key=self.scheduler_key
@@ -142,7 +147,7 @@ def _train(tmp_path, callbacks, model=None, trainer_cls=pl.Trainer, fit_kwargs=N
         ({"address": True}, "`address` must be"),
         ({"session": ""}, "`session` must be a non-empty string, found ''"),
         ({"peer_id": ""}, "`peer_id` must be None or a non-empty string"),
-        ({"scheduler_key": 3}, "`scheduler_key` must be None or a non-empty string"),
+        ({"scheduler_key": 3}, "`scheduler_key` must be None, the scheduler's public key"),
         ({"every_n_epochs": 0}, "`every_n_epochs` must be an integer >= 1, found 0"),
         ({"every_n_epochs": 1.0}, "`every_n_epochs` must be an integer >= 1, found 1.0"),
         ({"every_n_epochs": True}, "`every_n_epochs` must be an integer >= 1, found True"),
@@ -161,14 +166,25 @@ def _train(tmp_path, callbacks, model=None, trainer_cls=pl.Trainer, fit_kwargs=N
 )
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
-        SecureAggregationCallback(**kwargs)
+        SecureAggregationCallback(**{"insecure": True, **kwargs})
+
+
+def test_scheduler_key_or_insecure_required():
+    with pytest.raises(MisconfigurationException, match="`scheduler_key` is required"):
+        SecureAggregationCallback()
+    with pytest.raises(MisconfigurationException, match="exclude each other"):
+        SecureAggregationCallback(scheduler_key="K" * 40, insecure=True)
+    with pytest.raises(MisconfigurationException, match="`insecure` must be a bool"):
+        SecureAggregationCallback(insecure="yes")
+    SecureAggregationCallback(scheduler_key="K" * 40)
+    SecureAggregationCallback(insecure=True)
 
 
 def test_misconfiguration_error_is_caught_by_every_family():
     with pytest.raises(ConfigurationError):
-        SecureAggregationCallback(every_n_epochs=-3)
+        SecureAggregationCallback(every_n_epochs=-3, insecure=True)
     with pytest.raises(ValueError):
-        SecureAggregationCallback(every_n_epochs=-3)
+        SecureAggregationCallback(every_n_epochs=-3, insecure=True)
     lightning_exc = pytest.importorskip("lightning.fabric.utilities.exceptions")
     assert issubclass(
         SecureAggregationMisconfigurationError, lightning_exc.MisconfigurationException
@@ -181,7 +197,9 @@ def test_arguments_are_positional_only_by_keyword():
 
 
 def test_valid_arguments_are_normalised():
-    cb = SecureAggregationCallback(scheduler="10.0.0.1:5555", address=6000, round_timeout=5)
+    cb = SecureAggregationCallback(
+        scheduler="10.0.0.1:5555", address=6000, round_timeout=5, insecure=True
+    )
     assert cb.scheduler == "tcp://10.0.0.1:5555"
     assert cb.address == "tcp://127.0.0.1:6000"
     assert cb.round_timeout == 5.0
@@ -228,10 +246,10 @@ def test_real_peer_gets_scheduler_key_only_when_given(monkeypatch):
         return object()
 
     monkeypatch.setattr(peer_module, "Peer", fake_peer, raising=False)
-    SecureAggregationCallback(session="s1")._create_peer()
+    SecureAggregationCallback(session="s1", insecure=True)._create_peer()
     SecureAggregationCallback(scheduler_key="KEY")._create_peer()
-    assert seen[0] == {"session": "s1", "peer_id": None}
-    assert seen[1]["scheduler_key"] == "KEY"
+    assert seen[0] == {"session": "s1", "peer_id": None, "insecure": True}
+    assert seen[1] == {"session": "default", "peer_id": None, "scheduler_key": "KEY"}
 
 
 def test_no_peer_outside_fit(tmp_path):
@@ -272,7 +290,7 @@ def test_failing_stop_does_not_hide_the_training_error(tmp_path):
             return BadStopPeer(self.address, self.scheduler)
 
     with pytest.raises(RuntimeError, match="boom"):
-        _train(tmp_path, [Cb()], model=_CrashingModel())
+        _train(tmp_path, [Cb(insecure=True)], model=_CrashingModel())
 
 
 # ---------------------------------------------------------------------- the round
@@ -502,9 +520,9 @@ def test_unexpected_error_propagates(tmp_path):
 
 # ---------------------------------------------------------------------- checkpoints
 def test_state_dict_roundtrip():
-    cb = SecureAggregationCallback()
+    cb = SecureAggregationCallback(insecure=True)
     cb.rounds_completed, cb.rounds_failed, cb._last_round_epoch = 4, 1, 5
-    other = SecureAggregationCallback()
+    other = SecureAggregationCallback(insecure=True)
     other.load_state_dict(cb.state_dict())
     assert (other.rounds_completed, other.rounds_failed, other._last_round_epoch) == (4, 1, 5)
     assert "'session': 'default'" in cb.state_key
