@@ -28,7 +28,7 @@ from lightning_secagg.security import (
     sender_key,
 )
 from lightning_secagg.transport import bind_endpoint, receive_message, send_message
-from lightning_secagg.tree import validate_tree_params
+from lightning_secagg.tree import privacy_warnings, validate_tree_params
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         validate_tree_params(target_size, group_size, num_actors)
+        for warning in privacy_warnings(target_size, group_size, num_actors):
+            log.warning("privacy: %s", warning)
         if insecure and keys is not None:
             raise ConfigurationError("keys and insecure=True exclude each other")
         self.insecure = insecure

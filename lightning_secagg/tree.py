@@ -136,6 +136,27 @@ def validate_tree_params(target_size: int, group_size: int, num_actors: int) -> 
         )
 
 
+def privacy_warnings(target_size: int, group_size: int, num_actors: int) -> list[str]:
+    """Configurations that are valid but make a peer's input easy to expose.
+
+    A participant's input is exposed when *all* ``num_actors`` actors of its
+    group collude; and in any round, the other ``N - 1`` peers learn the last
+    one's input from the average itself, whatever the tree.
+    """
+    warnings = []
+    if target_size <= 4:
+        warnings.append(
+            f"target_size={target_size}: in a round of {target_size} peers, the other "
+            f"{target_size - 1} learn any peer's weights from the average alone"
+        )
+    if num_actors == 2:
+        warnings.append(
+            "num_actors=2: two colluding actors of a group learn its participants' weights; "
+            "raise num_actors (and group_size) for a higher collusion threshold"
+        )
+    return warnings
+
+
 def group_sizes(n: int, group_size: int, num_actors: int) -> list[int]:
     """How ``n`` participants are cut into groups at one level.
 

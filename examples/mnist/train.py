@@ -39,6 +39,7 @@ from collector import Collector, parse_milestones
 log = logging.getLogger("mnist.launcher")
 
 SCHEDULER_READY = re.compile(r"listening on (tcp://\S+)")
+SCHEDULER_KEY = re.compile(r"scheduler public key: (\S+)")
 STARTUP_TIMEOUT = 60.0
 STOP_GRACE = 10.0
 
@@ -117,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1, help="model initialisation seed")
     parser.add_argument("--round-timeout", type=float, default=120.0, help="seconds per round")
     parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext links between scheduler and peers (debugging only)",
+    )
+    parser.add_argument(
         "--plot", default=None, help="PNG of accuracy and round time (default: <log-file>.png)"
     )
     return parser
@@ -141,14 +147,19 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         )
 
 
-def _pipe_output(proc: subprocess.Popen, prefix: str, ready: threading.Event, found: list[str]):
-    """Forward a child's output with a prefix; note the scheduler's address when it shows."""
+def _pipe_output(
+    proc: subprocess.Popen, prefix: str, ready: threading.Event, found: dict[str, str]
+) -> None:
+    """Forward a child's output with a prefix; note the scheduler's key and address."""
     assert proc.stdout is not None
     for raw in iter(proc.stdout.readline, b""):
         line = raw.decode(errors="replace").rstrip()
+        key = SCHEDULER_KEY.search(line)
+        if key and "key" not in found:
+            found["key"] = key.group(1)
         match = SCHEDULER_READY.search(line)
         if match and not ready.is_set():
-            found.append(match.group(1))
+            found["address"] = match.group(1)
             ready.set()
         say(f"{prefix}{line}")
     ready.set()  # ended without the line: the waiter sees no address
@@ -172,6 +183,7 @@ class Launcher:
         self.scheduler: subprocess.Popen | None = None
         self.peers: list[subprocess.Popen] = []
         self.threads: list[threading.Thread] = []
+        self.scheduler_key: str | None = None
 
     def _spawn(self, command: list[str], pipe_stdout: bool) -> subprocess.Popen:
         return subprocess.Popen(
@@ -205,8 +217,10 @@ class Launcher:
             "--round-timeout",
             str(args.round_timeout),
         ]
+        if args.insecure:
+            command.append("--insecure")
         self.scheduler = self._spawn(command, pipe_stdout=True)
-        ready, found = threading.Event(), []
+        ready, found = threading.Event(), {}
         thread = threading.Thread(
             target=_pipe_output,
             args=(self.scheduler, "[scheduler] ", ready, found),
@@ -214,12 +228,15 @@ class Launcher:
         )
         thread.start()
         self.threads.append(thread)
-        if not ready.wait(STARTUP_TIMEOUT) or not found:
+        if not ready.wait(STARTUP_TIMEOUT) or "address" not in found:
             raise RuntimeError(
                 f"the scheduler did not start on port {args.server_port}"
                 f" (exit code {self.scheduler.poll()}); see its output above"
             )
-        return found[0]
+        if not args.insecure and "key" not in found:
+            raise RuntimeError("the scheduler did not print its public key")
+        self.scheduler_key = found.get("key")
+        return found["address"]
 
     def start_peers(self, collector_address: str) -> None:
         args = self.args
@@ -255,7 +272,16 @@ class Launcher:
                 ",".join(str(m) for m in args.milestones),
                 "--watch-stdin",
             ]
-            for flag in ("no_cuda", "aggregation_only", "pre_aggregation_evaluation", "debug"):
+            if self.scheduler_key is not None:
+                command += ["--server-key", self.scheduler_key]
+            flags = (
+                "no_cuda",
+                "aggregation_only",
+                "pre_aggregation_evaluation",
+                "debug",
+                "insecure",
+            )
+            for flag in flags:
                 if getattr(args, flag):
                     command.append("--" + flag.replace("_", "-"))
             if args.download:
