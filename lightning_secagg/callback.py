@@ -112,7 +112,11 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
         trainer = Trainer(
             max_epochs=10,
-            callbacks=[SecureAggregationCallback(scheduler="tcp://10.0.0.1:5555")],
+            callbacks=[
+                SecureAggregationCallback(
+                    scheduler="tcp://10.0.0.1:5555", scheduler_key="scheduler.key"
+                )
+            ],
         )
         trainer.fit(model)
 

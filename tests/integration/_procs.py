@@ -41,10 +41,15 @@ def start_scheduler(
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=python_env()
     )
-    key = None
-    if "--insecure" not in args:
-        key = read_line_matching(proc, "public key:", timeout).split("public key: ")[1].split()[0]
-    line = read_line_matching(proc, "listening on", timeout)
+    try:
+        key = None
+        if "--insecure" not in args:
+            line = read_line_matching(proc, "public key:", timeout)
+            key = line.split("public key: ")[1].split()[0]
+        line = read_line_matching(proc, "listening on", timeout)
+    except BaseException:
+        stop_all([proc])  # never leave an orphan behind a failed start
+        raise
     return proc, line.rsplit(" ", 1)[-1].strip(), key
 
 
