@@ -1,0 +1,285 @@
+"""Secure rounds vs. plain gloo all_reduce, side by side in one invocation.
+
+For each N, the script runs N processes of each kind on this machine:
+
+* ``gloo``: ``torch.distributed`` with the gloo backend, ``all_reduce`` of one
+  flat float32 buffer holding the whole state dict (no privacy at all);
+* ``secagg``: a scheduler and N ``Peer`` processes averaging the same state
+  dict through lightning_secagg (CurveZMQ on, the defaults).
+
+Round time, for both, is measured the same way: from the moment the *last*
+process enters the call to the moment the last one leaves it (wall clock,
+``time.time()``, shared by all processes of one machine). Every process also
+reports its bytes (secagg only: per role) and its peak extra memory (max RSS
+growth over its resting footprint after a warm-up round).
+
+Usage::
+
+    python benchmarks/bench_rounds.py --peers 6 12 30 --rounds 20 --warmup 3
+    python benchmarks/bench_rounds.py --model resnet50 --peers 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def build_state(model: str) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    if model == "mnist":
+        from examples.mnist.model import MNISTNet
+
+        return MNISTNet().state_dict()
+    if model == "resnet50":
+        import torchvision
+
+        return torchvision.models.resnet50(weights=None).state_dict()
+    raise SystemExit(f"unknown model {model!r}")
+
+
+def rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -- workers (run as subprocesses of this script) ------------------------------------------
+
+
+def gloo_worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=args.world
+    )
+    state = build_state(args.model)
+    flat = torch.cat([t.detach().reshape(-1).float() for t in state.values()])
+    records = []
+    for r in range(args.warmup + args.rounds):
+        dist.barrier()
+        start = time.time()
+        buf = flat.clone()
+        dist.all_reduce(buf)
+        buf /= args.world
+        end = time.time()
+        if r >= args.warmup:
+            records.append({"start": start, "end": end})
+    dist.destroy_process_group()
+    Path(args.out).write_text(json.dumps({"records": records, "nbytes": flat.numel() * 4}))
+
+
+def secagg_worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from lightning_secagg import Peer
+
+    torch.set_num_threads(1)
+    state = build_state(args.model)
+    records = []
+    with Peer(
+        "tcp://127.0.0.1:0", args.scheduler, peer_id=f"p{args.rank}", scheduler_key=args.key
+    ) as peer:
+        rest = 0
+        for r in range(args.warmup + args.rounds):
+            if r == args.warmup:
+                rest = rss_bytes()
+            start = time.time()
+            peer.aggregate(state, timeout=600)
+            end = time.time()
+            if r >= args.warmup:
+                s = peer.last_stats
+                records.append(
+                    {
+                        "start": start,
+                        "end": end,
+                        "sent": s.bytes_sent,
+                        "received": s.bytes_received,
+                        "roles": list(s.roles),
+                    }
+                )
+        peak = rss_bytes() - rest
+    Path(args.out).write_text(json.dumps({"records": records, "peak_extra": peak}))
+
+
+# -- the driver ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_procs(cmds: list[list[str]], timeout: float) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen(c, env=env) for c in cmds]
+    try:
+        for p in procs:
+            if p.wait(timeout=timeout) != 0:
+                raise SystemExit("a benchmark worker failed")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def round_times(per_proc: list[dict]) -> list[float]:
+    rounds = len(per_proc[0]["records"])
+    times = []
+    for r in range(rounds):
+        starts = [p["records"][r]["start"] for p in per_proc]
+        ends = [p["records"][r]["end"] for p in per_proc]
+        times.append(max(ends) - max(starts))
+    return times
+
+
+def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
+    me = [sys.executable, str(Path(__file__).resolve())]
+    common = ["--model", args.model, "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
+    # gloo baseline
+    port = free_port()
+    outs = [tmp / f"gloo-{n}-{i}.json" for i in range(n)]
+    run_procs(
+        [
+            [
+                *me,
+                "_gloo",
+                *common,
+                "--rank",
+                str(i),
+                "--world",
+                str(n),
+                "--port",
+                str(port),
+                "--out",
+                str(outs[i]),
+            ]
+            for i in range(n)
+        ],
+        timeout=1800,
+    )
+    gloo = [json.loads(o.read_text()) for o in outs]
+    # secure aggregation
+    from lightning_secagg import Scheduler
+
+    outs = [tmp / f"secagg-{n}-{i}.json" for i in range(n)]
+    with Scheduler(port=0, target_size=n, round_timeout=600) as sched:
+        run_procs(
+            [
+                [
+                    *me,
+                    "_secagg",
+                    *common,
+                    "--rank",
+                    str(i),
+                    "--scheduler",
+                    sched.address,
+                    "--key",
+                    sched.public_key,
+                    "--out",
+                    str(outs[i]),
+                ]
+                for i in range(n)
+            ],
+            timeout=3600,
+        )
+    sec = [json.loads(o.read_text()) for o in outs]
+    g, s = round_times(gloo), round_times(sec)
+    model_bytes = gloo[0]["nbytes"]
+
+    def role_of(rec: dict) -> str:
+        roles = rec["roles"]
+        if "root-actor" in roles:
+            return "root actor"
+        return "actor" if any(x.startswith("actor@") for x in roles) else "leaf"
+
+    by_role: dict[str, list[int]] = {}
+    for p in sec:
+        for rec in p["records"]:
+            by_role.setdefault(role_of(rec), []).append(rec["sent"] + rec["received"])
+    return {
+        "n": n,
+        "model": args.model,
+        "model_bytes": model_bytes,
+        "gloo": g,
+        "secagg": s,
+        "bytes": {k: max(v) for k, v in by_role.items()},
+        "peak_extra": max(p["peak_extra"] for p in sec),
+    }
+
+
+def fmt_row(res: dict) -> str:
+    g, s = res["gloo"], res["secagg"]
+    gm, sm = statistics.median(g), statistics.median(s)
+    mb = res["model_bytes"]
+    roles = ", ".join(f"{k} {v / mb:.2f}x" for k, v in sorted(res["bytes"].items()))
+    return (
+        f"| {res['n']} | {res['model']} ({mb / 1e6:.1f} MB) "
+        f"| {sm * 1e3:.0f} / {min(s) * 1e3:.0f} / {max(s) * 1e3:.0f} "
+        f"| {gm * 1e3:.0f} / {min(g) * 1e3:.0f} / {max(g) * 1e3:.0f} "
+        f"| {sm / gm:.1f}x | {roles} | {res['peak_extra'] / mb:.2f}x |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", nargs="?", default="bench", choices=["bench", "_gloo", "_secagg"])
+    parser.add_argument("--peers", type=int, nargs="+", default=[6, 12, 30])
+    parser.add_argument("--model", default="mnist", choices=["mnist", "resnet50"])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    # worker-only arguments
+    parser.add_argument("--rank", type=int)
+    parser.add_argument("--world", type=int)
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--scheduler")
+    parser.add_argument("--key")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.mode == "_gloo":
+        return gloo_worker(args)
+    if args.mode == "_secagg":
+        return secagg_worker(args)
+    results = []
+    with tempfile.TemporaryDirectory() as d:
+        for n in args.peers:
+            results.append(bench(n, args, Path(d)))
+            print(f"done N={n}", file=sys.stderr, flush=True)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
+        f"{args.rounds} rounds after {args.warmup} warm-up, loopback"
+    )
+    print(
+        "| N | model | secagg ms median / min / max | gloo ms median / min / max "
+        "| ratio | bytes per peer per round (sent + received) / model, by role "
+        "| peak extra memory / model |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for res in results:
+        print(fmt_row(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
