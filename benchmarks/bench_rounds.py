@@ -10,8 +10,8 @@ For each N, the script runs N processes of each kind on this machine:
 Round time, for both, is measured the same way: from the moment the *last*
 process enters the call to the moment the last one leaves it (wall clock,
 ``time.time()``, shared by all processes of one machine). Every process also
-reports its bytes (secagg only: per role) and its peak extra memory (max RSS
-growth over its resting footprint after a warm-up round).
+reports its bytes (secagg only: per role) and its peak extra memory: its peak
+resident set size minus its resident set size at rest after the warm-up rounds.
 
 Usage::
 
@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,8 +51,24 @@ def build_state(model: str) -> dict:
     raise SystemExit(f"unknown model {model!r}")
 
 
-def rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0) and return the RSS now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS")
+
+
+def peak_rss() -> int:
+    """Peak resident set size since the last :func:`reset_peak_rss`."""
+    return _status_kib("VmHWM")
 
 
 # -- workers (run as subprocesses of this script) ------------------------------------------
@@ -98,7 +113,7 @@ def secagg_worker(args: argparse.Namespace) -> None:
         rest = 0
         for r in range(args.warmup + args.rounds):
             if r == args.warmup:
-                rest = rss_bytes()
+                rest = reset_peak_rss()  # resting footprint, pools warmed up
             start = time.time()
             peer.aggregate(state, timeout=600)
             end = time.time()
@@ -113,7 +128,7 @@ def secagg_worker(args: argparse.Namespace) -> None:
                         "roles": list(s.roles),
                     }
                 )
-        peak = rss_bytes() - rest
+        peak = peak_rss() - rest
     Path(args.out).write_text(json.dumps({"records": records, "peak_extra": peak}))
 
 

@@ -37,6 +37,8 @@ import torch
 from lightning_secagg.errors import ConfigurationError, EncodingError, SchemaMismatchError
 
 DEFAULT_FRAC_BITS = 32
+#: Elements encoded per step (a 512 KiB float64 temporary).
+ENCODE_CHUNK = 1 << 16
 #: Headroom kept below the ring's signed range: sums stay below 2**SUM_BITS.
 SUM_BITS = 62
 
@@ -301,10 +303,12 @@ def encode(
         x = state_dict[spec.name].detach()
         if x.device.type != "cpu":
             x = x.cpu()
-        # One float64 temporary per tensor, never a copy of the whole model.
-        scaled = x.reshape(-1).to(torch.float64).numpy() * scale
-        np.rint(scaled, out=scaled)
-        signed[pos : pos + spec.numel] = scaled
+        flat = x.reshape(-1)
+        # Chunks keep the float64 temporary small whatever the tensor's size.
+        for i in range(0, spec.numel, ENCODE_CHUNK):
+            scaled = flat[i : i + ENCODE_CHUNK].to(torch.float64).numpy() * scale
+            np.rint(scaled, out=scaled)
+            signed[pos + i : pos + i + scaled.size] = scaled
         pos += spec.numel
     return out
 

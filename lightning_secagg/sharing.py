@@ -17,7 +17,7 @@ generators are never used for shares.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,44 +34,57 @@ def system_random_bytes(n: int) -> bytes:
     return os.urandom(n)
 
 
-def add_expanded_seed(seed: bytes, acc: np.ndarray, scratch: np.ndarray | None = None) -> None:
+#: Keystream is produced in chunks of this many words, so expanding a seed for a
+#: model of any size needs 1 MiB of scratch, not a second copy of the model.
+CHUNK_WORDS = 1 << 17
+
+
+def _keystream(seed: bytes, size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(offset, words)`` chunks of the stream named by ``seed``; ``words`` is reused."""
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"a share seed has {SEED_BYTES} bytes, got {len(seed)}")
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(_NONCE)).encryptor()
+    buf = np.empty(min(size, CHUNK_WORDS), dtype=np.uint64)
+    for start in range(0, size, CHUNK_WORDS):
+        words = buf[: min(CHUNK_WORDS, size - start)]
+        words.fill(0)
+        view = memoryview(words).cast("B")
+        encryptor.update_into(view, view)  # keystream XOR zeros, written in place
+        if not np.little_endian:  # keystream bytes are little-endian words everywhere
+            words.byteswap(inplace=True)
+        yield start, words
+
+
+def add_expanded_seed(seed: bytes, acc: np.ndarray) -> None:
     """Add the pseudo-random vector named by ``seed`` into ``acc`` (mod 2**64), in place.
 
-    Args:
-        seed: 32-byte AES-256 key.
-        acc: ``uint64`` accumulator.
-        scratch: Optional ``uint64`` buffer of ``acc``'s size, reused to avoid an allocation.
+    Raises:
+        ValueError: the seed is not 32 bytes.
     """
-    buf = expand_seed(seed, acc.size, scratch)
-    np.add(acc, buf, out=acc)
+    for start, words in _keystream(seed, acc.size):
+        chunk = acc[start : start + words.size]
+        np.add(chunk, words, out=chunk)
 
 
-def subtract_expanded_seed(seed: bytes, acc: np.ndarray, scratch: np.ndarray | None = None) -> None:
-    """Subtract the pseudo-random vector named by ``seed`` from ``acc`` (mod 2**64), in place."""
-    buf = expand_seed(seed, acc.size, scratch)
-    np.subtract(acc, buf, out=acc)
+def subtract_expanded_seed(seed: bytes, acc: np.ndarray) -> None:
+    """Subtract the pseudo-random vector named by ``seed`` from ``acc`` (mod 2**64), in place.
+
+    Raises:
+        ValueError: the seed is not 32 bytes.
+    """
+    for start, words in _keystream(seed, acc.size):
+        chunk = acc[start : start + words.size]
+        np.subtract(chunk, words, out=chunk)
 
 
-def expand_seed(seed: bytes, size: int, out: np.ndarray | None = None) -> np.ndarray:
+def expand_seed(seed: bytes, size: int) -> np.ndarray:
     """The ``uint64`` vector of ``size`` elements that ``seed`` stands for.
 
     Raises:
-        ValueError: the seed is not 32 bytes or ``out`` has the wrong size.
+        ValueError: the seed is not 32 bytes.
     """
-    if len(seed) != SEED_BYTES:
-        raise ValueError(f"a share seed has {SEED_BYTES} bytes, got {len(seed)}")
-    if out is None:
-        out = np.zeros(size, dtype=np.uint64)
-    else:
-        if out.size != size or out.dtype != np.uint64:
-            raise ValueError("scratch buffer has the wrong size or dtype")
-        out.fill(0)
-    view = memoryview(out).cast("B")
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(_NONCE)).encryptor()
-    encryptor.update_into(view, view)  # keystream XOR zeros, written in place
-    encryptor.finalize()
-    if not np.little_endian:  # keystream bytes are little-endian words on every platform
-        out.byteswap(inplace=True)
+    out = np.zeros(size, dtype=np.uint64)
+    add_expanded_seed(seed, out)
     return out
 
 
@@ -95,9 +108,8 @@ def split(vector: np.ndarray, num_shares: int, random_bytes: RandomBytes) -> Sha
     if num_shares < 2:
         raise ValueError(f"num_shares must be >= 2, got {num_shares}")
     seeds = tuple(random_bytes(SEED_BYTES) for _ in range(num_shares - 1))
-    scratch = np.empty_like(vector)
     for seed in seeds:
-        subtract_expanded_seed(seed, vector, scratch)
+        subtract_expanded_seed(seed, vector)
     return Shares(dense=vector, seeds=seeds)
 
 

@@ -106,7 +106,6 @@ class PeerRound:
         self._vector: np.ndarray | None = vector
         self._finalize = finalize
         self._random_bytes = random_bytes
-        self._scratch: np.ndarray | None = None
         self.result: np.ndarray | None = None
         self.started = False
         self.acted = tree.acted_groups(me)
@@ -252,15 +251,12 @@ class PeerRound:
         if payload is not None:
             np.add(acc.total, payload, out=acc.total)
         else:
-            if self._scratch is None:
-                self._scratch = np.empty(self.size, dtype=np.uint64)
-            add_expanded_seed(seed, acc.total, self._scratch)  # type: ignore[arg-type]
+            add_expanded_seed(seed, acc.total)  # type: ignore[arg-type]
         acc.received.add(sender)
         if not acc.complete:
             return []
         total, acc.total = acc.total, None
         if key[0] == ROOT:
-            self._scratch = None
             return self._distribute(self._finalize(total))
         if key[0] == self.tree.depth - 1:
             return self._root_exchange(total)
