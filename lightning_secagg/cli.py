@@ -7,6 +7,7 @@ and nowhere else in the library.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Sequence
 
 from lightning_secagg.errors import ConfigurationError
+from lightning_secagg.planner import DTYPES
 from lightning_secagg.scheduler import Scheduler
 from lightning_secagg.security import KeyPair, write_key_files
 
@@ -72,6 +74,28 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tree(args: argparse.Namespace) -> int:
+    from lightning_secagg.planner import plan
+
+    try:
+        preview = plan(
+            args.target_size,
+            args.group_size,
+            args.num_actors,
+            seed=args.seed,
+            params=args.params,
+            dtype=args.dtype,
+        )
+    except ConfigurationError as exc:
+        print(f"lightning-secagg tree: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(preview.to_dict(), indent=2))
+    else:
+        print(preview.format(show_peers=args.per_peer))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs' CLI reference)."""
     parser = argparse.ArgumentParser(
@@ -111,6 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("name", nargs="?", default="scheduler", help="file name stem")
     keygen.add_argument("--directory", "-d", default=".", help="where to write the files")
     keygen.set_defaults(func=_keygen)
+    tree = sub.add_parser(
+        "tree",
+        help="preview the aggregation tree, its privacy threshold and the bytes per peer",
+        description="Print the tree the scheduler would build for these parameters (from a "
+        "seeded shuffle; the scheduler itself uses a CSPRNG), its depth, the collusion needed "
+        "to expose a peer, and the bytes each role sends and receives per round, computed "
+        "by simulating the round with the real protocol code.",
+    )
+    tree.add_argument("--target-size", type=int, default=6, help="peers per round")
+    tree.add_argument("--group-size", type=int, default=3, help="participants per tree group")
+    tree.add_argument("--num-actors", type=int, default=2, help="aggregation actors per group")
+    tree.add_argument(
+        "--seed", type=int, default=0, help="seed of the preview's shuffle (reproducible output)"
+    )
+    tree.add_argument("--params", type=int, default=1_200_000, help="model elements (e.g. 1200000)")
+    tree.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the model's dtype")
+    tree.add_argument("--per-peer", action="store_true", help="also list every peer's bytes")
+    tree.add_argument("--json", action="store_true", help="machine-readable output")
+    tree.set_defaults(func=_tree)
     return parser
 
 

@@ -75,9 +75,12 @@ def decode_header(frame: Frame, max_header_bytes: int = MAX_HEADER_BYTES) -> dic
         raise RemoteProtocolError(f"header is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise RemoteProtocolError("header is not a map")
-    if header.get("v") != PROTOCOL_VERSION:
-        raise RemoteProtocolError(f"unsupported protocol version {header.get('v')!r:.20}")
-    if header.get("t") not in MESSAGE_TYPES:
+    version = header.get("v")
+    # ``True == 1`` and ``1.0 == 1`` in Python: insist on the int itself.
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(f"unsupported protocol version {version!r:.20}")
+    # An unhashable type (a list, a map) would make the dict lookup raise TypeError.
+    if not isinstance(header.get("t"), str) or header["t"] not in MESSAGE_TYPES:
         raise RemoteProtocolError(f"unknown message type {header.get('t')!r:.40}")
     return header
 

@@ -118,6 +118,10 @@ class Schema:
             specs.append(TensorSpec(str(name), tuple(int(s) for s in t.shape), dtype))
         if not specs:
             raise EncodingError("the state dict is empty: nothing to aggregate")
+        if all(s.numel == 0 for s in specs):
+            # The result would be a 0-byte payload, which the codec refuses, so the
+            # round could never finish: refuse it here, before anything is sent.
+            raise EncodingError("every tensor of the state dict is empty: nothing to aggregate")
         return cls(tuple(specs), frac_bits)
 
     @property
@@ -330,6 +334,10 @@ def decode_total(total: np.ndarray, schema: Schema) -> np.ndarray:
     out = np.zeros(schema.result_nbytes, dtype=np.uint8)
     src = 1
     for spec, dst in zip(schema.tensors, schema.result_offsets, strict=True):
+        if spec.numel == 0:
+            # Nothing to write, and torch refuses to view an empty tensor as bytes
+            # (its last stride is 0), so a zero-element entry is skipped outright.
+            continue
         mean = torch.from_numpy(signed[src : src + spec.numel].astype(np.float64) / count)
         dtype = spec.torch_dtype
         if dtype.is_floating_point:
@@ -359,6 +367,10 @@ def decode_result(
     storage = torch.from_numpy(data.copy())
     result: dict[str, torch.Tensor] = {}
     for spec, pos in zip(schema.tensors, schema.result_offsets, strict=True):
+        if spec.numel == 0:
+            # torch cannot view an empty byte slice as a wider dtype (stride 0).
+            result[spec.name] = torch.empty(spec.shape, dtype=spec.torch_dtype)
+            continue
         chunk = storage[pos : pos + spec.nbytes]
         result[spec.name] = chunk.view(spec.torch_dtype).reshape(spec.shape)
     return result

@@ -31,6 +31,7 @@ MAX_SCHEMA_ENTRIES = 100_000
 MAX_NAME_LEN = 1024
 MAX_LEVELS = 64
 
+# Matched with ``fullmatch``: ``$`` alone also matches before a trailing newline.
 _Z85_RE = re.compile(r"^[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:@+\-]+$")
 _ENDPOINT_RE = re.compile(
@@ -47,7 +48,11 @@ Validator = Callable[[Any], Any]
 
 def ident(value: Any) -> str:
     """Peer ids, session names, round ids: short, printable, no spaces."""
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LEN or not _ID_RE.match(value):
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= MAX_ID_LEN
+        or not _ID_RE.fullmatch(value)
+    ):
         raise HeaderError(
             f"expected an identifier of 1-{MAX_ID_LEN} safe characters, got {value!r:.80}"
         )
@@ -56,14 +61,18 @@ def ident(value: Any) -> str:
 
 def endpoint(value: Any) -> str:
     """A ZeroMQ endpoint another peer can connect to."""
-    if not isinstance(value, str) or len(value) > MAX_ENDPOINT_LEN or not _ENDPOINT_RE.match(value):
+    if (
+        not isinstance(value, str)
+        or len(value) > MAX_ENDPOINT_LEN
+        or not _ENDPOINT_RE.fullmatch(value)
+    ):
         raise HeaderError(f"expected a tcp://, ipc:// or inproc:// endpoint, got {value!r:.80}")
     return value
 
 
 def public_key(value: Any) -> str:
     """A 40-character Z85 CurveZMQ public key, or ``""`` on an explicitly insecure link."""
-    if not isinstance(value, str) or not (value == "" or _Z85_RE.match(value)):
+    if not isinstance(value, str) or not (value == "" or _Z85_RE.fullmatch(value)):
         raise HeaderError("expected a 40-character Z85 public key or an empty string")
     return value
 

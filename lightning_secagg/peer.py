@@ -84,6 +84,9 @@ log = logging.getLogger(__name__)
 
 #: Messages of rounds we have not been assigned yet, kept until the assignment arrives.
 MAX_EARLY_MESSAGES = 256
+#: Default cap on one frame arriving at the inbox (``ZMQ_MAXMSGSIZE``): 1 GiB,
+#: enough for the dense share of a ~130M-parameter model.
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,10 @@ class Peer:
             a wildcard host such as ``0.0.0.0``.
         frac_bits: Fixed-point fraction bits; all peers of a session must agree.
         linger: Seconds :meth:`stop` lets queued messages leave.
+        max_message_bytes: Largest frame the inbox accepts; ZeroMQ cuts the
+            connection of anyone who sends more, before allocating it. Must hold
+            a dense share (8 bytes per element, plus one count slot) and the
+            decoded result; :meth:`aggregate` refuses a model that does not fit.
         random_bytes: Randomness for shares (``os.urandom``; injectable for tests).
         clock: Monotonic clock (injectable for tests).
 
@@ -166,6 +173,7 @@ class Peer:
         advertise: str | None = None,
         frac_bits: int = DEFAULT_FRAC_BITS,
         linger: float = 5.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         random_bytes: RandomBytes = system_random_bytes,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -204,6 +212,16 @@ class Peer:
             self.keys = keys or KeyPair.generate()
         self.frac_bits = frac_bits
         self.linger = linger
+        if (
+            isinstance(max_message_bytes, bool)
+            or not isinstance(max_message_bytes, int)
+            or max_message_bytes < codec.MAX_PEER_HEADER_BYTES
+        ):
+            raise ConfigurationError(
+                f"max_message_bytes must be an int >= {codec.MAX_PEER_HEADER_BYTES}, "
+                f"got {max_message_bytes!r}"
+            )
+        self.max_message_bytes = max_message_bytes
         self._random_bytes = random_bytes
         self._clock = clock
         self._ctx: zmq.Context | None = None
@@ -236,6 +254,9 @@ class Peer:
         ctx = zmq.Context()
         inbox = ctx.socket(zmq.PULL)
         inbox.linger = 0
+        # Before bind: a listener copies its options when it binds, so a limit set
+        # later never reaches the connections it accepts (checked in the tests).
+        inbox.maxmsgsize = self.max_message_bytes
         zap = None
         try:
             if self.keys is not None:
@@ -326,6 +347,8 @@ class Peer:
             bit, on every peer of the round.
 
         Raises:
+            ConfigurationError: a bad weight or timeout, or a model whose shares
+                would exceed ``max_message_bytes``.
             EncodingError: NaN/Inf or values too large for the fixed-point ring.
             SchemaMismatchError: the scheduler says the model differs from the session's.
             SignupRejectedError: the scheduler refused the sign-up for another reason.
@@ -344,7 +367,7 @@ class Peer:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
         schema = Schema.of(state_dict, self.frac_bits)
         check_values(state_dict, self.frac_bits)
-        self._limit_inbox(schema)
+        self._check_inbox_limit(schema)
         started = self._clock()
         deadline = started + timeout
         sent0, recv0 = self._bytes_sent, self._bytes_received
@@ -392,11 +415,17 @@ class Peer:
 
     # -- internals -------------------------------------------------------
 
-    def _limit_inbox(self, schema: Schema) -> None:
-        # Applies to connections made from now on, i.e. to this round's members.
-        limit = max(8 * schema.vector_size, schema.result_nbytes) + codec.MAX_PEER_HEADER_BYTES
-        if self._inbox is not None and self._inbox.maxmsgsize < limit:
-            self._inbox.maxmsgsize = limit
+    def _check_inbox_limit(self, schema: Schema) -> None:
+        # The inbox's limit is fixed at bind time (see start()); a model whose shares
+        # would be cut by it is refused here, before sign-up, rather than timing out.
+        # The margin covers CurveZMQ's per-frame overhead.
+        need = max(8 * schema.vector_size, schema.result_nbytes) + codec.MAX_PEER_HEADER_BYTES
+        if need > self.max_message_bytes:
+            raise ConfigurationError(
+                f"this model's shares need frames of {need} bytes, above "
+                f"max_message_bytes={self.max_message_bytes}; pass a larger max_message_bytes "
+                "to Peer"
+            )
 
     def _accept_assignment(
         self,

@@ -61,9 +61,7 @@ def add_expanded_seed(seed: bytes, acc: np.ndarray) -> None:
     Raises:
         ValueError: the seed is not 32 bytes.
     """
-    for start, words in _keystream(seed, acc.size):
-        chunk = acc[start : start + words.size]
-        np.add(chunk, words, out=chunk)
+    _apply_keystream(seed, acc, np.add)
 
 
 def subtract_expanded_seed(seed: bytes, acc: np.ndarray) -> None:
@@ -72,9 +70,13 @@ def subtract_expanded_seed(seed: bytes, acc: np.ndarray) -> None:
     Raises:
         ValueError: the seed is not 32 bytes.
     """
+    _apply_keystream(seed, acc, np.subtract)
+
+
+def _apply_keystream(seed: bytes, acc: np.ndarray, op: np.ufunc) -> None:
     for start, words in _keystream(seed, acc.size):
         chunk = acc[start : start + words.size]
-        np.subtract(chunk, words, out=chunk)
+        op(chunk, words, out=chunk)
 
 
 def expand_seed(seed: bytes, size: int) -> np.ndarray:

@@ -1,0 +1,670 @@
+"""Preview a round before running it: the tree, its depth, the collusion it resists, its bytes.
+
+``lightning-secagg tree`` prints what :func:`plan` returns. The tree is built by
+the same :func:`~lightning_secagg.tree.build_tree` the scheduler uses, but with a
+seeded :class:`random.Random` so the preview is reproducible; the scheduler
+itself shuffles with a CSPRNG (``secrets.SystemRandom``), so a real round's tree
+is a different draw with the same shape (same depth, same group sizes).
+
+The byte figures are not a formula: the round is *simulated* with the real
+sans-IO :class:`~lightning_secagg.protocol.peer_round.PeerRound` objects over an
+in-memory queue, on one-element vectors, and every message is then sized as the
+wire sizes it — ``len(msgpack header)`` (the real header, encoded by
+:mod:`lightning_secagg.codec`) plus the payload the real model would carry
+(``8 * Schema.vector_size`` for a dense share or a partial sum,
+``Schema.result_nbytes`` for the result). That is what
+:func:`lightning_secagg.transport.frames_nbytes` counts and what a peer reports in
+:class:`~lightning_secagg.peer.RoundStats`; ZeroMQ's framing and CurveZMQ's
+per-frame overhead (a few dozen bytes a frame) are not included in either.
+
+Which actor receives a participant's dense share is random in a real round
+(drawn from the peer's ``random_bytes``), so an actor's *received* bytes vary
+from round to round; what a peer *sends* does not. :class:`PeerPlan` gives the
+figure for the simulated draw and the ``[min, max]`` range over all draws.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lightning_secagg import codec
+from lightning_secagg.encoding import DEFAULT_FRAC_BITS, Schema, TensorSpec
+from lightning_secagg.errors import ConfigurationError
+from lightning_secagg.messages import (
+    Assignment,
+    Done,
+    Message,
+    Partial,
+    Result,
+    Share,
+    Signup,
+    SignupAck,
+)
+from lightning_secagg.protocol.peer_round import PeerRound, Send
+from lightning_secagg.sharing import SEED_BYTES, RandomBytes
+from lightning_secagg.tree import AggregationTree, build_tree, privacy_warnings
+
+#: dtypes ``--dtype`` accepts (those the encoding supports).
+DTYPES = (
+    "float32",
+    "float16",
+    "bfloat16",
+    "float64",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+)
+
+#: What the preview assumes for the fields of scheduler messages it cannot know.
+DEFAULT_SESSION = "default"
+DEFAULT_ROUND_ID = "0" * 16  # the scheduler's ids are 16 hex digits
+DEFAULT_DEADLINE_S = 300.0
+_PLACEHOLDER_KEY = "0" * 40  # Z85 keys are 40 characters
+
+
+def default_peer_ids(n: int) -> list[str]:
+    """Ids shaped like ``Peer``'s defaults (``peer-`` and 8 hex digits), so header sizes match."""
+    return [f"peer-{i:08x}" for i in range(n)]
+
+
+def default_endpoint(index: int) -> str:
+    """A placeholder endpoint of a typical length, ``tcp://10.0.X.Y:6000``."""
+    return f"tcp://10.0.{index // 256}.{index % 256}:6000"
+
+
+def model_schema(params: int, dtype: str = "float32", frac_bits: int = DEFAULT_FRAC_BITS) -> Schema:
+    """The schema of a model of ``params`` elements: one tensor named ``weight``.
+
+    Raises:
+        ConfigurationError: ``params`` is not a positive int or ``dtype`` is unsupported.
+    """
+    if isinstance(params, bool) or not isinstance(params, int) or params < 1:
+        raise ConfigurationError(f"params must be an int >= 1, got {params!r}")
+    if dtype not in DTYPES:
+        raise ConfigurationError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return Schema((TensorSpec("weight", (params,), dtype),), frac_bits)
+
+
+def counter_random_bytes(label: str) -> RandomBytes:
+    """A deterministic byte stream (SHA-256 in counter mode) named by ``label``.
+
+    For previews and tests only: it makes the dense-share draws reproducible.
+    Real peers use ``os.urandom``.
+    """
+    counter = 0
+
+    def draw(n: int) -> bytes:
+        nonlocal counter
+        out = b""
+        while len(out) < n:
+            out += hashlib.sha256(f"{label}:{counter}".encode()).digest()
+            counter += 1
+        return out[:n]
+
+    return draw
+
+
+@dataclass(frozen=True)
+class Member:
+    """What the scheduler relays about one member: its id, endpoint and CURVE key."""
+
+    peer_id: str
+    endpoint: str
+    public_key: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class PeerPlan:
+    """What one peer sends and receives in one round, in bytes on the wire.
+
+    ``p2p_*`` is traffic between peers (shares, partial sums, results);
+    ``scheduler_*`` is the sign-up it sends and the acknowledgement and
+    assignment it receives. The ``done`` report goes out after a peer's stats
+    are taken, so it is not in ``bytes_sent`` (its size is :attr:`Plan.done_bytes`).
+    """
+
+    peer_id: str
+    roles: tuple[str, ...]
+    kind: str
+    p2p_sent: int
+    p2p_received: int
+    p2p_received_min: int
+    p2p_received_max: int
+    scheduler_sent: int
+    scheduler_received: int
+    messages_sent: int
+    messages_received: int
+
+    @property
+    def bytes_sent(self) -> int:
+        """What :attr:`RoundStats.bytes_sent` reports for this peer."""
+        return self.p2p_sent + self.scheduler_sent
+
+    @property
+    def bytes_received(self) -> int:
+        """What :attr:`RoundStats.bytes_received` reports (for the simulated dense-share draw)."""
+        return self.p2p_received + self.scheduler_received
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for JSON."""
+        return {
+            "peer_id": self.peer_id,
+            "roles": list(self.roles),
+            "kind": self.kind,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "p2p_sent": self.p2p_sent,
+            "p2p_received": self.p2p_received,
+            "p2p_received_range": [self.p2p_received_min, self.p2p_received_max],
+            "scheduler_sent": self.scheduler_sent,
+            "scheduler_received": self.scheduler_received,
+            "messages_sent": self.messages_sent,
+            "messages_received": self.messages_received,
+        }
+
+
+@dataclass(frozen=True)
+class RoleSummary:
+    """Peers that play the same part in the tree, with the spread of their bytes."""
+
+    kind: str
+    count: int
+    sent: tuple[int, int]
+    received: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A previewed round: its tree, its privacy threshold and every peer's bytes."""
+
+    tree: AggregationTree
+    schema: Schema
+    seed: int | None
+    peers: tuple[PeerPlan, ...]
+    done_bytes: int
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def num_peers(self) -> int:
+        """Members of the round."""
+        return len(self.tree.members)
+
+    @property
+    def depth(self) -> int:
+        """Levels of the tree, root included."""
+        return self.tree.depth
+
+    @property
+    def collusion_threshold(self) -> int:
+        """How many colluders expose a participant: all ``num_actors`` actors of its group."""
+        return self.tree.num_actors
+
+    @property
+    def params(self) -> int:
+        """Model elements (the count slot excluded)."""
+        return self.schema.vector_size - 1
+
+    @property
+    def dense_bytes(self) -> int:
+        """Payload of a dense share or a partial sum: ``8 * vector_size``."""
+        return 8 * self.schema.vector_size
+
+    @property
+    def result_bytes(self) -> int:
+        """Payload of the result: every tensor in its own dtype, 8-byte aligned."""
+        return self.schema.result_nbytes
+
+    def peer(self, peer_id: str) -> PeerPlan:
+        """The plan of one peer.
+
+        Raises:
+            KeyError: ``peer_id`` is not a member.
+        """
+        for p in self.peers:
+            if p.peer_id == peer_id:
+                return p
+        raise KeyError(peer_id)
+
+    def summary(self) -> list[RoleSummary]:
+        """Peers grouped by their part in the tree, leaves first, root actors last."""
+        by_kind: dict[str, list[PeerPlan]] = {}
+        for p in self.peers:
+            by_kind.setdefault(p.kind, []).append(p)
+        rows = []
+        for kind in sorted(by_kind, key=_kind_order):
+            ps = by_kind[kind]
+            rows.append(
+                RoleSummary(
+                    kind=kind,
+                    count=len(ps),
+                    sent=(min(p.bytes_sent for p in ps), max(p.bytes_sent for p in ps)),
+                    received=(
+                        min(p.p2p_received_min + p.scheduler_received for p in ps),
+                        max(p.p2p_received_max + p.scheduler_received for p in ps),
+                    ),
+                )
+            )
+        return rows
+
+    def privacy(self) -> list[str]:
+        """Plain-language statements of what it takes to expose a peer."""
+        k, n = self.tree.num_actors, self.num_peers
+        return [
+            f"A peer's weights are exposed only if all {k} actors of its level-0 group "
+            f"pool their shares: any {k - 1} of them together see only uniformly random "
+            "values. "
+            "A peer that is itself one of those actors keeps one share at home, so the "
+            "other actors alone cannot expose it.",
+            f"Smallest coalition that exposes anybody: {k} peers (the actors of one group).",
+            f"Inherent to averaging: the other {n - 1} peers together learn the last "
+            "one's weights from the average, whatever the tree.",
+            "The scheduler picks the tree: a malicious scheduler could make colluders "
+            "the actors of a group (see the threat model).",
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for ``--json``."""
+        return {
+            "num_peers": self.num_peers,
+            "group_size": self.tree.group_size,
+            "num_actors": self.tree.num_actors,
+            "seed": self.seed,
+            "depth": self.depth,
+            "levels": [
+                [
+                    {
+                        "index": g.index,
+                        "participants": list(g.participants),
+                        "actors": list(g.actors),
+                    }
+                    for g in level
+                ]
+                for level in self.tree.levels
+            ],
+            "collusion_threshold": self.collusion_threshold,
+            "privacy": self.privacy(),
+            "warnings": list(self.warnings),
+            "model": {
+                "params": self.params,
+                "schema": self.schema.to_wire(),
+                "dense_share_bytes": self.dense_bytes,
+                "result_bytes": self.result_bytes,
+            },
+            "summary": [
+                {
+                    "kind": r.kind,
+                    "peers": r.count,
+                    "bytes_sent": list(r.sent),
+                    "bytes_received": list(r.received),
+                }
+                for r in self.summary()
+            ],
+            "total_bytes_sent": sum(p.bytes_sent for p in self.peers),
+            "done_bytes": self.done_bytes,
+            "peers": [p.to_dict() for p in self.peers],
+        }
+
+    def format(self, *, show_peers: bool = False) -> str:
+        """The human-readable report ``lightning-secagg tree`` prints."""
+        t = self.tree
+        lines = [
+            f"Aggregation tree: {self.num_peers} peers, group_size={t.group_size}, "
+            f"num_actors={t.num_actors}" + (f", seed={self.seed}" if self.seed is not None else ""),
+            "(a preview: the scheduler shuffles with a CSPRNG, so a real round is another "
+            "draw of the same shape)",
+            f"depth: {self.depth} level{'s' if self.depth != 1 else ''} "
+            f"(level {self.depth - 1} is the root)",
+            "",
+        ]
+        for li, level in enumerate(t.levels):
+            root = " (root)" if li == t.depth - 1 else ""
+            n = sum(len(g.participants) for g in level)
+            lines.append(
+                f"level {li}{root}: {n} participants in {len(level)} "
+                f"group{'s' if len(level) != 1 else ''}"
+            )
+            for g in level:
+                lines.append(
+                    f"  g{g.index}: {' '.join(g.participants)}  -> actors {' '.join(g.actors)}"
+                )
+        lines += ["", "Privacy:"]
+        lines += [f"  - {s}" for s in self.privacy()]
+        lines += [f"  ! {w}" for w in self.warnings]
+        lines += [
+            "",
+            f"Bytes per round for a model of {self.params:,} elements "
+            f"({_describe_schema(self.schema)}):",
+            f"  dense share or partial sum: {self.dense_bytes:,} B payload "
+            f"(8 B x {self.schema.vector_size:,}: count slot + elements); "
+            f"seed share: {SEED_BYTES} B seed in the header; "
+            f"result: {self.result_bytes:,} B payload",
+            "  headers (msgpack) included; ZeroMQ/CurveZMQ framing not included",
+            "",
+        ]
+        rows = [("role", "peers", "sends (B)", "receives (B)")]
+        for r in self.summary():
+            rows.append((r.kind, str(r.count), _span(r.sent), _span(r.received)))
+        lines += _table(rows)
+        total = sum(p.bytes_sent for p in self.peers)
+        lines += [
+            "",
+            f"all peers together send {total:,} B "
+            f"({total / max(1, self.num_peers):,.0f} B per peer on average)",
+            "received bytes of actors vary with which actor draws each dense share; "
+            "the ranges cover every draw",
+        ]
+        if show_peers:
+            lines.append("")
+            rows = [("peer", "roles", "sends (B)", "receives (B)")]
+            for p in self.peers:
+                spread = (
+                    p.p2p_received_min + p.scheduler_received,
+                    p.p2p_received_max + p.scheduler_received,
+                )
+                received = f"{p.bytes_received:,}"
+                if spread[0] != spread[1]:
+                    received += f" (any draw: {_span(spread)})"
+                rows.append((p.peer_id, ", ".join(p.roles), f"{p.bytes_sent:,}", received))
+            lines += _table(rows)
+        return "\n".join(lines)
+
+
+def _kind_order(kind: str) -> int:
+    if kind.startswith("root"):
+        return 1 << 20
+    if kind.startswith("leaf"):
+        return -1
+    return int(re.split(r"[ -]", kind)[-1])  # "actor at level 0", "actor at levels 0-3"
+
+
+def _kind(state: PeerRound) -> str:
+    if state.is_root_actor:
+        return "root actor"
+    if not state.acted:
+        return "leaf (level 0 only)"
+    top = max(g.level for g in state.acted)
+    return "actor at level 0" if top == 0 else f"actor at levels 0-{top}"
+
+
+def _span(pair: tuple[int, int]) -> str:
+    lo, hi = pair
+    return f"{lo:,}" if lo == hi else f"{lo:,} - {hi:,}"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for j, r in enumerate(rows):
+        cells = [r[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)
+        ]
+        out.append("  " + "  ".join(cells).rstrip())
+        if j == 0:
+            out.append("  " + "  ".join("-" * w for w in widths))
+    return out
+
+
+def _describe_schema(schema: Schema) -> str:
+    if len(schema.tensors) == 1:
+        return f"one {schema.tensors[0].dtype} tensor"
+    dtypes = sorted({s.dtype for s in schema.tensors})
+    return f"{len(schema.tensors)} tensors, {'/'.join(dtypes)}"
+
+
+def wire_size(message: Message, schema: Schema) -> int:
+    """Bytes ``message`` takes on the wire for a model of ``schema``.
+
+    The header is encoded by the real codec; the payload is sized for the real
+    model (the simulation runs on one-element vectors).
+    """
+    header = len(codec.encode(message)[0])
+    if isinstance(message, Share):
+        return header + (8 * schema.vector_size if message.seed is None else 0)
+    if isinstance(message, Partial):
+        return header + 8 * schema.vector_size
+    if isinstance(message, Result):
+        return header + schema.result_nbytes
+    return header
+
+
+_TINY_RESULT_BYTES = 8
+
+
+def _simulate(
+    tree: AggregationTree,
+    round_id: str,
+    random_bytes_for: Callable[[str], RandomBytes],
+) -> tuple[dict[str, PeerRound], list[Send]]:
+    """Run the round with real PeerRounds on one-element vectors; return every delivered send."""
+    states = {
+        pid: PeerRound(
+            me=pid,
+            round_id=round_id,
+            tree=tree,
+            vector=np.zeros(1, dtype=np.uint64),
+            finalize=lambda _total: np.zeros(_TINY_RESULT_BYTES, dtype=np.uint8),
+            result_nbytes=_TINY_RESULT_BYTES,
+            random_bytes=random_bytes_for(pid),
+        )
+        for pid in tree.members
+    }
+    queue: deque[Send] = deque()
+    for state in states.values():
+        queue.extend(state.start())
+    delivered: list[Send] = []
+    while queue:
+        send = queue.popleft()
+        delivered.append(send)
+        queue.extend(states[send.to].receive(send.message))
+    unfinished = [pid for pid, s in states.items() if not s.done]
+    if unfinished:  # pragma: no cover - would be a protocol bug
+        raise RuntimeError(f"simulated round did not finish for {unfinished}")
+    return states, delivered
+
+
+def predict(
+    tree: AggregationTree,
+    schema: Schema,
+    *,
+    members: Sequence[Member] | None = None,
+    round_id: str = DEFAULT_ROUND_ID,
+    session: str = DEFAULT_SESSION,
+    deadline_s: float = DEFAULT_DEADLINE_S,
+    random_bytes_for: Callable[[str], RandomBytes] | None = None,
+    seed: int | None = None,
+    warnings: Sequence[str] = (),
+) -> Plan:
+    """Every member's bytes for one round over ``tree``.
+
+    Args:
+        tree: The round's tree.
+        schema: The model's layout (see :func:`model_schema` or ``Schema.of(state_dict)``).
+        members: Members in the scheduler's queue order (which is the order of the
+            assignment's member list and sets each ``signup_ok``'s ``queued``);
+            placeholders of realistic length when omitted.
+        round_id: The round's id (16 hex digits in production).
+        session: The session name.
+        deadline_s: The scheduler's round timeout (a float on the wire either way).
+        random_bytes_for: Each peer's randomness, to reproduce its dense-share
+            draws exactly; a deterministic stream per peer when omitted.
+        seed: Recorded in the plan, for display.
+        warnings: Privacy warnings to show.
+
+    Returns:
+        The plan; ``plan.peer(id).bytes_sent`` is what that peer's
+        ``RoundStats.bytes_sent`` reports after the same round.
+    """
+    if members is None:
+        members = [
+            Member(pid, default_endpoint(i), _PLACEHOLDER_KEY)
+            for i, pid in enumerate(sorted(tree.members))
+        ]
+    if sorted(m.peer_id for m in members) != sorted(tree.members):
+        raise ConfigurationError("members must be exactly the tree's members")
+    if random_bytes_for is None:
+        random_bytes_for = counter_random_bytes
+    states, delivered = _simulate(tree, round_id, random_bytes_for)
+    p2p_sent = dict.fromkeys(states, 0)
+    p2p_recv = dict.fromkeys(states, 0)
+    n_sent = dict.fromkeys(states, 0)
+    n_recv = dict.fromkeys(states, 0)
+    dense_got: dict[tuple[str, int, int], int] = {}
+    dense_extra = 8 * schema.vector_size - SEED_BYTES - 1  # header bin8(32) -> nil, + payload
+    for send in delivered:
+        sender = getattr(send.message, "sender", None)
+        size = wire_size(send.message, schema)
+        if not isinstance(sender, str):  # pragma: no cover - every peer message names its sender
+            raise RuntimeError(f"message without a sender: {send.message!r}")
+        p2p_sent[sender] += size
+        n_sent[sender] += 1
+        p2p_recv[send.to] += size
+        n_recv[send.to] += 1
+        msg = send.message
+        if isinstance(msg, Share) and msg.seed is None:
+            key = (send.to, msg.level, msg.group)
+            dense_got[key] = dense_got.get(key, 0) + 1
+    # Received range: a non-actor participant's dense share goes to one of its
+    # group's actors at random. For each actor, count the shares it could get.
+    low = dict(p2p_recv)
+    high = dict(p2p_recv)
+    for level in tree.levels:
+        for g in level:
+            senders = [p for p in g.participants if p not in g.actors]
+            for actor in g.actors:
+                got_dense = dense_got.get((actor, g.level, g.index), 0)
+                low[actor] -= got_dense * dense_extra
+                high[actor] += (len(senders) - got_dense) * dense_extra
+    assignment = Assignment(
+        session=session,
+        round_id=round_id,
+        members=[[m.peer_id, m.endpoint, m.public_key] for m in members],
+        tree=tree.to_wire(),
+        group_size=tree.group_size,
+        num_actors=tree.num_actors,
+        total_weight=float(sum(m.weight for m in members)),
+        deadline_s=float(deadline_s),
+    )
+    assignment_bytes = wire_size(assignment, schema)
+    plans = []
+    for position, m in enumerate(members):
+        signup = Signup(
+            session,
+            m.peer_id,
+            m.endpoint,
+            m.public_key,
+            float(m.weight),
+            schema.frac_bits,
+            schema.to_wire(),
+        )
+        ack = SignupAck(session, m.peer_id, position + 1)
+        state = states[m.peer_id]
+        plans.append(
+            PeerPlan(
+                peer_id=m.peer_id,
+                roles=state.roles,
+                kind=_kind(state),
+                p2p_sent=p2p_sent[m.peer_id],
+                p2p_received=p2p_recv[m.peer_id],
+                p2p_received_min=low[m.peer_id],
+                p2p_received_max=high[m.peer_id],
+                scheduler_sent=wire_size(signup, schema),
+                scheduler_received=wire_size(ack, schema) + assignment_bytes,
+                messages_sent=n_sent[m.peer_id] + 1,
+                messages_received=n_recv[m.peer_id] + 2,
+            )
+        )
+    done = Done(round_id, members[0].peer_id, 0.0, 2**40, 2**40)
+    return Plan(
+        tree=tree,
+        schema=schema,
+        seed=seed,
+        peers=tuple(plans),
+        done_bytes=wire_size(done, schema),
+        warnings=tuple(warnings),
+    )
+
+
+def plan(
+    target_size: int,
+    group_size: int,
+    num_actors: int,
+    *,
+    seed: int = 0,
+    params: int = 1_200_000,
+    dtype: str = "float32",
+    schema: Schema | None = None,
+    peer_ids: Sequence[str] | None = None,
+) -> Plan:
+    """Build the tree the scheduler would build and predict every peer's bytes.
+
+    Args:
+        target_size: Peers per round.
+        group_size: Participants per group.
+        num_actors: Actors per group.
+        seed: Seeds the preview's shuffle (a :class:`random.Random`) and the
+            simulated dense-share draws; the scheduler and the peers use a CSPRNG.
+        params: Model elements, when ``schema`` is not given.
+        dtype: The model's dtype, when ``schema`` is not given.
+        schema: A real model's layout (``Schema.of(model.state_dict())``).
+        peer_ids: Member ids (default: ``peer-00000000``... like ``Peer``'s own).
+
+    Raises:
+        ConfigurationError: invalid tree parameters, ``params`` or ``dtype``.
+    """
+    if schema is None:
+        schema = model_schema(params, dtype)
+    ids = list(peer_ids) if peer_ids is not None else default_peer_ids(target_size)
+    if len(ids) != target_size:
+        raise ConfigurationError(f"expected {target_size} peer ids, got {len(ids)}")
+    tree = build_tree(ids, group_size, num_actors, random.Random(seed))  # noqa: S311 - a preview
+    members = [Member(pid, default_endpoint(i), _PLACEHOLDER_KEY) for i, pid in enumerate(ids)]
+
+    def draws(pid: str) -> RandomBytes:
+        return counter_random_bytes(f"{seed}:{pid}")
+
+    return predict(
+        tree,
+        schema,
+        members=members,
+        random_bytes_for=draws,
+        seed=seed,
+        warnings=privacy_warnings(target_size, group_size, num_actors),
+    )
+
+
+def members_from(
+    ids_endpoints_keys: Sequence[tuple[str, str, str]], weights: Mapping[str, float] | None = None
+) -> list[Member]:
+    """Members from ``(peer_id, endpoint, public_key)`` triples, in queue order."""
+    weights = weights or {}
+    return [
+        Member(pid, ep, key, float(weights.get(pid, 1.0))) for pid, ep, key in ids_endpoints_keys
+    ]
+
+
+__all__ = [
+    "DTYPES",
+    "Member",
+    "PeerPlan",
+    "Plan",
+    "RoleSummary",
+    "counter_random_bytes",
+    "default_peer_ids",
+    "members_from",
+    "model_schema",
+    "plan",
+    "predict",
+    "wire_size",
+]
