@@ -82,9 +82,7 @@ class MemNet:
         message = send.message
         if self.wire:
             frames = [bytes(f) for f in codec.encode(message)]
-            message = codec.decode(
-                frames, codec.MAX_PEER_HEADER_BYTES, allowed=PEER_TO_PEER
-            )
+            message = codec.decode(frames, codec.MAX_PEER_HEADER_BYTES, allowed=PEER_TO_PEER)
         sender = getattr(message, "sender", "?")
         self.delivered[type(message).__name__] += 1
         self.log.append((type(message).__name__, sender, send.to))
@@ -226,7 +224,7 @@ class SchedulerRun:
     """What :func:`run_with_scheduler` saw."""
 
     assignments: dict[str, Assignment]
-    acks: list[SignupAck]
+    acks: list[Message]
     peers: dict[str, PeerRound]
     schema: Schema
     net: MemNet
@@ -258,13 +256,14 @@ def run_with_scheduler(
         return codec.decode([bytes(f) for f in codec.encode(message)])
 
     outgoing: list[Outgoing] = []
-    for pid, weight in zip(ids, weights, strict=True):
+    for i, (pid, weight) in enumerate(zip(ids, weights, strict=True)):
         signup = Signup(
-            session, pid, f"tcp://127.0.0.1:{7000 + len(outgoing)}", "", weight,
+            session, pid, f"tcp://127.0.0.1:{7000 + i}", "", weight,
             schema.frac_bits, schema.to_wire(),
         )  # fmt: skip
         outgoing += scheduler.receive(conns[pid], through_wire(signup))
     acks = [o.message for o in outgoing if isinstance(o.message, SignupAck)]
+    assert len(acks) == len(ids), [o.message for o in outgoing]
     assignments: dict[str, Assignment] = {}
     for o in outgoing:
         if isinstance(o.message, Assignment):
@@ -287,4 +286,4 @@ def run_with_scheduler(
     for pid, p in peers.items():
         done = Done(p.round_id, pid, 0.01, 100, 100)
         after += scheduler.receive(conns[pid], through_wire(done))
-    return SchedulerRun(assignments, acks, peers, schema, net, after)  # type: ignore[arg-type]
+    return SchedulerRun(assignments, acks, peers, schema, net, after)

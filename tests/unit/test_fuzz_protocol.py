@@ -55,6 +55,8 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+# Bounded: a whole simulated round per input, about 40 ms on a slow core.
+pytestmark = pytest.mark.timeout(60 + EXAMPLES // 5)
 COUNTS: Counter[str] = Counter()
 SIZE = 7
 IDS = [f"p{i}" for i in range(7)]

@@ -1,0 +1,245 @@
+"""Additive shares mod 2**64, seed expansion, the injected randomness."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from lightning_secagg import sharing
+from lightning_secagg.sharing import (
+    CHUNK_WORDS,
+    SEED_BYTES,
+    add_expanded_seed,
+    expand_seed,
+    random_index,
+    split,
+    subtract_expanded_seed,
+    system_random_bytes,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+EXTREMES = np.array([0, 1, 2**63 - 1, 2**63, 2**64 - 1, 2**32, 2**64 - 2], dtype=np.uint64)
+
+
+class CountingBytes:
+    """A reproducible byte source that counts how it is used."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+        self.calls: list[int] = []
+
+    def __call__(self, n: int) -> bytes:
+        self.calls.append(n)
+        return self._rng.randbytes(n)
+
+
+def reassemble(shares: sharing.Shares, size: int) -> np.ndarray:
+    total = shares.dense.copy()
+    for seed in shares.seeds:
+        add_expanded_seed(seed, total)
+    assert total.size == size
+    return total
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    k=st.integers(2, 6),
+    vector=hnp.arrays(np.uint64, st.integers(1, 40), elements=st.integers(0, 2**64 - 1)),
+    seed=st.integers(0, 2**32),
+)
+def test_shares_sum_back_exactly(k, vector, seed):
+    original = vector.copy()
+    source = CountingBytes(seed)
+    shares = split(vector, k, source)
+    assert len(shares.seeds) == k - 1
+    assert all(len(s) == SEED_BYTES for s in shares.seeds)
+    assert source.calls == [SEED_BYTES] * (k - 1)
+    assert np.array_equal(reassemble(shares, original.size), original)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 6])
+def test_extremes_wrap_modulo_2_64(k):
+    vector = EXTREMES.copy()
+    shares = split(vector, k, CountingBytes(k))
+    assert shares.dense is vector  # computed in place: no copy of the model
+    assert np.array_equal(reassemble(shares, EXTREMES.size), EXTREMES)
+    # Python-int check of the modular identity, independent of numpy's wrap-around.
+    expanded = [expand_seed(s, EXTREMES.size) for s in shares.seeds]
+    for i, want in enumerate(EXTREMES.tolist()):
+        got = (int(shares.dense[i]) + sum(int(e[i]) for e in expanded)) % 2**64
+        assert got == want
+
+
+def test_shares_look_random_and_the_dense_share_hides_the_input():
+    zeros = np.zeros(4096, dtype=np.uint64)
+    shares = split(zeros, 2, os.urandom)
+    # A share of an all-zero vector is (minus) a uniform keystream: about half the bits set.
+    bits = np.unpackbits(shares.dense.view(np.uint8))
+    assert 0.48 < bits.mean() < 0.52
+    assert len(np.unique(shares.dense)) > 4000
+
+
+def test_same_seed_expands_identically_and_different_seeds_differ():
+    seed = bytes(range(32))
+    a = expand_seed(seed, 1000)
+    b = expand_seed(seed, 1000)
+    assert a.dtype == np.uint64
+    assert np.array_equal(a, b)
+    c = expand_seed(bytes(range(1, 33)), 1000)
+    assert not np.array_equal(a, c)
+    assert np.count_nonzero(a == c) < 5
+    # A prefix of a longer stream is the shorter stream.
+    assert np.array_equal(expand_seed(seed, 10), a[:10])
+
+
+def test_expansion_is_aes_ctr_little_endian_words():
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    seed = bytes(range(100, 132))
+    enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+    stream = enc.update(bytes(8 * 5))
+    assert expand_seed(seed, 5).tolist() == [
+        int.from_bytes(stream[i : i + 8], "little") for i in range(0, 40, 8)
+    ]
+
+
+def test_expansion_across_chunk_boundaries():
+    seed = bytes(32)
+    size = CHUNK_WORDS + 3
+    long = expand_seed(seed, size)
+    assert long.size == size
+    assert np.array_equal(long[:CHUNK_WORDS], expand_seed(seed, CHUNK_WORDS))
+    acc = np.zeros(size, dtype=np.uint64)
+    add_expanded_seed(seed, acc)
+    subtract_expanded_seed(seed, acc)
+    assert not acc.any()
+
+
+def test_add_and_subtract_are_inverse_and_wrap():
+    seed = b"\xff" * 32
+    acc = EXTREMES.copy()
+    add_expanded_seed(seed, acc)
+    assert not np.array_equal(acc, EXTREMES)
+    subtract_expanded_seed(seed, acc)
+    assert np.array_equal(acc, EXTREMES)
+
+
+def test_expand_size_zero():
+    assert expand_seed(bytes(32), 0).size == 0
+
+
+@pytest.mark.parametrize("length", [0, 16, 31, 33, 64])
+def test_seed_length_checked(length):
+    bad = bytes(length)
+    with pytest.raises(ValueError, match=f"32 bytes, got {length}"):
+        expand_seed(bad, 4)
+    acc = np.zeros(4, dtype=np.uint64)
+    with pytest.raises(ValueError, match="32 bytes"):
+        add_expanded_seed(bad, acc)
+    with pytest.raises(ValueError, match="32 bytes"):
+        subtract_expanded_seed(bad, acc)
+    assert not acc.any()
+
+
+@pytest.mark.parametrize("k", [1, 0, -1])
+def test_split_needs_two_shares(k):
+    source = CountingBytes(0)
+    vector = np.arange(4, dtype=np.uint64)
+    with pytest.raises(ValueError, match="num_shares must be >= 2"):
+        split(vector, k, source)
+    assert source.calls == []
+    assert vector.tolist() == [0, 1, 2, 3]
+
+
+def test_split_depends_only_on_random_bytes():
+    """numpy's, torch's and ``random``'s generators play no part in the shares."""
+    outputs = []
+    for other_seed in (1, 2, 3):
+        np.random.seed(other_seed)
+        torch.manual_seed(other_seed)
+        random.seed(other_seed)
+        source = CountingBytes(42)
+        shares = split(np.arange(64, dtype=np.uint64), 3, source)
+        outputs.append((shares.dense.tobytes(), shares.seeds, tuple(source.calls)))
+    assert outputs[0] == outputs[1] == outputs[2]
+    # ... and a different byte source gives different shares.
+    other = split(np.arange(64, dtype=np.uint64), 3, CountingBytes(43))
+    assert other.dense.tobytes() != outputs[0][0]
+    assert other.seeds != outputs[0][1]
+
+
+def test_split_does_not_touch_global_generators():
+    np.random.seed(7)
+    torch.manual_seed(7)
+    random.seed(7)
+    np_state = np.random.get_state()[1].copy()
+    torch_state = torch.get_rng_state().clone()
+    py_state = random.getstate()
+    split(np.arange(8, dtype=np.uint64), 4, system_random_bytes)
+    random_index(5, system_random_bytes)
+    assert np.array_equal(np.random.get_state()[1], np_state)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert random.getstate() == py_state
+
+
+def test_system_random_bytes_is_the_os_csprng(monkeypatch):
+    calls = []
+
+    def fake_urandom(n: int) -> bytes:
+        calls.append(n)
+        return b"\x01" * n
+
+    monkeypatch.setattr(sharing.os, "urandom", fake_urandom)
+    assert system_random_bytes(32) == b"\x01" * 32
+    assert calls == [32]
+
+
+# -- random_index ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_random_index_in_range_and_roughly_uniform(n):
+    source = CountingBytes(n)
+    draws = 6000
+    counts = Counter(random_index(n, source) for _ in range(draws))
+    assert set(counts) == set(range(n))
+    expected = draws / n
+    for c in counts.values():
+        assert abs(c - expected) < 5 * (expected**0.5) + 1
+
+
+def test_random_index_uses_eight_bytes_little_endian():
+    source = CountingBytes(0)
+    random_index(3, source)
+    assert source.calls == [8]
+    assert random_index(10, lambda n: (13).to_bytes(8, "little")) == 3
+
+
+def test_random_index_rejects_the_biased_tail():
+    # For n = 3, 2**64 % 3 == 1: the single largest value is rejected and redrawn.
+    values = iter([2**64 - 1, 5])
+    calls = []
+
+    def source(n: int) -> bytes:
+        calls.append(n)
+        return next(values).to_bytes(8, "little")
+
+    assert random_index(3, source) == 5 % 3
+    assert len(calls) == 2
+    # The largest accepted value is kept.
+    assert random_index(3, lambda n: (2**64 - 2).to_bytes(8, "little")) == (2**64 - 2) % 3
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_random_index_needs_a_positive_n(n):
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        random_index(n, os.urandom)
