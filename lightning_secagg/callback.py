@@ -73,7 +73,7 @@ else:
         _MISCONFIG_BASES = (MisconfigurationException, _LightningMisconfigurationException)
 
 WEIGHTINGS: tuple[str, ...] = ("uniform", "samples")
-FAILURE_POLICIES: tuple[str, ...] = ("raise", "keep_local")
+FAILURE_POLICIES: tuple[str, ...] = ("retry", "raise", "keep_local")
 PROGRESS_BAR_KEY = "secagg"
 
 
@@ -144,12 +144,17 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         weighting: ``"uniform"`` gives every peer the same weight (as the original
             HyperAggregate benchmark); ``"samples"`` weights each peer by the number
             of samples in its training dataset(s).
-        round_timeout: Seconds one round may take before it fails.
-        on_failure: What to do when a round fails (timeout, abort, rejected
-            sign-up): ``"raise"`` stops training with the error; ``"keep_local"``
-            warns, logs ``secagg/failed_rounds`` and keeps training with the local
-            weights. A schema mismatch and an encoding error (NaN/Inf, overflow)
-            always raise: they would fail every following round the same way.
+        round_timeout: Seconds one round (one attempt) may take before it fails.
+        on_failure: What to do when a round fails (timeout, abort, unreachable
+            member): ``"retry"`` (default) signs up again at once, up to
+            ``max_retries`` times, so the peers still alive form a new round with a
+            fresh tree and fresh shares, and raises the last error when every
+            attempt failed; ``"raise"`` stops training with the error;
+            ``"keep_local"`` warns, logs ``secagg/failed_rounds`` and keeps training
+            with the local weights. A schema mismatch, a refused sign-up and an
+            encoding error (NaN/Inf, overflow) always raise at once: they would
+            fail every following attempt the same way.
+        max_retries: Extra attempts per round under ``on_failure="retry"``.
         log_metrics: Log ``secagg/*`` metrics and the progress bar entry.
 
     Raises:
@@ -169,7 +174,8 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         every_n_epochs: int = 1,
         weighting: str = "uniform",
         round_timeout: float = 60.0,
-        on_failure: str = "raise",
+        on_failure: str = "retry",
+        max_retries: int = 2,
         log_metrics: bool = True,
     ) -> None:
         super().__init__()
@@ -249,12 +255,18 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 f"`on_failure` must be one of {FAILURE_POLICIES}, found {on_failure!r}."
             )
         self.on_failure = on_failure
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise SecureAggregationMisconfigurationError(
+                f"`max_retries` must be an integer >= 0, found {max_retries!r}."
+            )
+        self.max_retries = max_retries
         self.log_metrics = bool(log_metrics)
 
         self._peer: Peer | None = None
         # own state, saved in checkpoints (see `state_dict`)
         self.rounds_completed = 0
         self.rounds_failed = 0
+        self.rounds_retried = 0  # retry attempts, over all rounds
         self._last_round_epoch = -1
         # observability of the latest round (not checkpointed)
         self.last_stats: Any = None
@@ -312,7 +324,9 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         A no-op; override it to observe rounds. On success ``stats`` holds the
         round's :class:`~lightning_secagg.peer.RoundStats` fields as a dict
         (``round_id``, ``seconds``, ``round_seconds``, ``bytes_sent``,
-        ``bytes_received``, ``num_peers``, ...) and ``error`` is ``None``; after a failed round
+        ``bytes_received``, ``num_peers``, ..., plus ``retries``: the failed attempts
+        retried before this one succeeded, and ``failed_attempts``: their errors
+        as text) and ``error`` is ``None``; after a failed round
         that was tolerated (``on_failure="keep_local"``) ``error`` is the failure.
         """
 
@@ -452,6 +466,7 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 )
             _load_in_place(pl_module, outcome.state)
             self.rounds_completed += 1
+            self.rounds_retried += int(outcome.stats.get("retries", 0))
             self.last_error = None
             self.last_stats = outcome.stats
             self._log_round(trainer, pl_module, outcome.stats)
@@ -486,11 +501,18 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     def _tolerate(self, error_type: str) -> bool:
         """Whether the failure policy lets training go on after a failed round.
 
-        A new policy (e.g. ``"retry"``) plugs in here and in ``_aggregate_on_rank_zero``.
+        ``"retry"`` retries inside ``_aggregate_on_rank_zero``; a round that still
+        failed after its retries is not tolerated (it raises).
         """
         if error_type in (SchemaMismatchError.__name__, EncodingError.__name__):
             return False
         return self.on_failure == "keep_local"
+
+    def _should_retry(self, error: BaseException, attempt: int) -> bool:
+        """Whether attempt ``attempt`` (0-based) that failed with ``error`` is retried."""
+        from lightning_secagg.peer import is_retryable
+
+        return self.on_failure == "retry" and attempt < self.max_retries and is_retryable(error)
 
     def _aggregate_on_rank_zero(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
@@ -503,11 +525,31 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         local = {name: t.detach().cpu() for name, t in pl_module.state_dict().items()}
         weight = self.round_weight(trainer, pl_module)
         started = time.perf_counter()
-        averaged = self._peer.aggregate(local, weight=weight, timeout=self.round_timeout)
+        failures: list[str] = []
+        attempt = 0
+        while True:
+            try:
+                averaged = self._peer.aggregate(local, weight=weight, timeout=self.round_timeout)
+                break
+            except RoundFailedError as exc:
+                if not self._should_retry(exc, attempt):
+                    raise
+                attempt += 1
+                failures.append(f"{type(exc).__name__}: {exc}")
+                log.warning(
+                    "secure aggregation round failed (%s: %s); signing up again with the peers"
+                    " still alive (retry %d/%d)",
+                    type(exc).__name__,
+                    exc,
+                    attempt,
+                    self.max_retries,
+                )
         elapsed = time.perf_counter() - started
         raw_stats = self._peer.last_stats
         stats = _stats_to_dict(raw_stats)
         stats.setdefault("seconds", elapsed)
+        stats["retries"] = attempt
+        stats["failed_attempts"] = failures
         log.info(
             "secure aggregation round %s done in %.3fs with %s peers",
             stats.get("round_id", "?"),
@@ -556,6 +598,7 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     def _log_counters(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log(pl_module, trainer, "secagg/rounds", self.rounds_completed)
         self._log(pl_module, trainer, "secagg/failed_rounds", self.rounds_failed)
+        self._log(pl_module, trainer, "secagg/retries", self.rounds_retried)
         self._log(
             pl_module, trainer, PROGRESS_BAR_KEY, self.rounds_completed, prog_bar=True, logger=False
         )
@@ -567,6 +610,7 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         return {
             "rounds_completed": self.rounds_completed,
             "rounds_failed": self.rounds_failed,
+            "rounds_retried": self.rounds_retried,
             "last_round_epoch": self._last_round_epoch,
         }
 
@@ -575,6 +619,7 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         """Restore the counters saved by :meth:`state_dict`."""
         self.rounds_completed = int(state_dict.get("rounds_completed", 0))
         self.rounds_failed = int(state_dict.get("rounds_failed", 0))
+        self.rounds_retried = int(state_dict.get("rounds_retried", 0))
         self._last_round_epoch = int(state_dict.get("last_round_epoch", -1))
 
 

@@ -30,6 +30,9 @@ def _scheduler(args: argparse.Namespace) -> int:
             num_actors=args.num_actors,
             host=args.host,
             round_timeout=args.round_timeout,
+            min_size=args.min_size,
+            queue_wait=args.queue_wait,
+            liveness_timeout=args.liveness_timeout or None,
             keys=keys,
             insecure=args.insecure,
         ).start()
@@ -118,8 +121,30 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument(
         "--round-timeout",
         type=float,
-        default=300.0,
-        help="seconds before an unfinished round is aborted",
+        default=None,
+        help="seconds before an unfinished round is aborted (default: derived per round "
+        "from the model's size and the tree's depth)",
+    )
+    sched.add_argument(
+        "--min-size",
+        type=int,
+        default=None,
+        help="smallest round: after --queue-wait seconds a round of at least this many live "
+        "peers forms (default: --target-size, full rounds only)",
+    )
+    sched.add_argument(
+        "--queue-wait",
+        type=float,
+        default=10.0,
+        help="seconds the oldest queued peer waits for a full round before a round of "
+        "--min-size or more forms",
+    )
+    sched.add_argument(
+        "--liveness-timeout",
+        type=float,
+        default=10.0,
+        help="seconds of silence after which a queued peer is dropped and a member's round "
+        "aborted (0 disables)",
     )
     sched.add_argument(
         "--key-file",

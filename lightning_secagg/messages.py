@@ -7,8 +7,8 @@ a raw little-endian buffer that travels as its own ZeroMQ frame.
 
 Who sends what (see ``docs/protocol.md``)::
 
-    peer -> scheduler   Signup, Leave, Done, Abort
-    scheduler -> peer   SignupAck, SignupRejected, Assignment, Abort
+    peer -> scheduler   Signup, Leave, Heartbeat, Done, Abort
+    scheduler -> peer   SignupAck, SignupRejected, Assignment, Rejoin, Abort
     peer -> peer        Share (up the tree), Partial (root exchange), Result (down)
 """
 
@@ -107,6 +107,11 @@ def real(lo: float, hi: float, *, open_lo: bool = False) -> Validator:
         return v
 
     return check
+
+
+def optional_ident(value: Any) -> str | None:
+    """An identifier, or None (e.g. a heartbeat's round while still queued)."""
+    return None if value is None else ident(value)
 
 
 def optional_seed(value: Any) -> bytes | None:
@@ -315,6 +320,39 @@ class Leave(Message):
 
 
 @dataclass(frozen=True)
+class Heartbeat(Message):
+    """A peer inside ``aggregate()`` is alive: sent every ``heartbeat_interval`` seconds.
+
+    ``round_id`` is None while the peer waits in the queue, else the round it
+    works on. The scheduler drops a queued peer, and aborts the round of a
+    member, that stays silent longer than its liveness timeout; it answers a
+    heartbeat from a peer it does not know with :class:`Rejoin`.
+    """
+
+    session: str
+    peer_id: str
+    round_id: str | None
+
+    TYPE: ClassVar[str] = "heartbeat"
+    FIELDS: ClassVar[dict[str, Validator]] = {
+        "session": ident,
+        "peer_id": ident,
+        "round_id": optional_ident,
+    }
+
+
+@dataclass(frozen=True)
+class Rejoin(Message):
+    """The scheduler does not know this peer (e.g. it restarted): sign up again."""
+
+    session: str
+    peer_id: str
+
+    TYPE: ClassVar[str] = "rejoin"
+    FIELDS: ClassVar[dict[str, Validator]] = {"session": ident, "peer_id": ident}
+
+
+@dataclass(frozen=True)
 class Done(Message):
     """A peer finished a round; its stats are for the scheduler's logs."""
 
@@ -403,6 +441,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         SignupRejected,
         Assignment,
         Leave,
+        Heartbeat,
+        Rejoin,
         Done,
         Abort,
         Share,
@@ -411,5 +451,5 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     )
 }
 PEER_TO_PEER = (Share, Partial, Result)
-FROM_SCHEDULER = (SignupAck, SignupRejected, Assignment, Abort)
-TO_SCHEDULER = (Signup, Leave, Done, Abort)
+FROM_SCHEDULER = (SignupAck, SignupRejected, Assignment, Rejoin, Abort)
+TO_SCHEDULER = (Signup, Leave, Heartbeat, Done, Abort)

@@ -28,6 +28,7 @@ import torch
 import zmq
 
 from lightning_secagg import codec
+from lightning_secagg.deadlines import describe_phase, phase_deadline
 from lightning_secagg.encoding import (
     DEFAULT_FRAC_BITS,
     Schema,
@@ -52,8 +53,10 @@ from lightning_secagg.messages import (
     Abort,
     Assignment,
     Done,
+    Heartbeat,
     Leave,
     Message,
+    Rejoin,
     Signup,
     SignupAck,
     SignupRejected,
@@ -114,6 +117,12 @@ class RoundStats:
     roles: tuple[str, ...]
 
 
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a new round may succeed where this error ended one (timeouts, aborts,
+    unreachable members); a refused sign-up would be refused again."""
+    return isinstance(exc, RoundFailedError) and not isinstance(exc, SignupRejectedError)
+
+
 @dataclass(frozen=True)
 class _Member:
     endpoint: str
@@ -153,6 +162,9 @@ class Peer:
             decoded result; :meth:`aggregate` refuses a model that does not fit.
         random_bytes: Randomness for shares (``os.urandom``; injectable for tests).
         clock: Monotonic clock (injectable for tests).
+        heartbeat_interval: Seconds between heartbeats to the scheduler while
+            inside :meth:`aggregate` (queued or in a round); keep it well below
+            the scheduler's ``liveness_timeout``.
 
     Raises:
         ConfigurationError: a bad address, id, key, or a missing ``scheduler_key``.
@@ -176,8 +188,19 @@ class Peer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         random_bytes: RandomBytes = system_random_bytes,
         clock: Callable[[], float] = time.monotonic,
+        heartbeat_interval: float = 1.0,
     ) -> None:
         self._bind = bind_endpoint(address)
+        if (
+            isinstance(heartbeat_interval, bool)
+            or not isinstance(heartbeat_interval, (int, float))
+            or not 0 < heartbeat_interval < float("inf")
+        ):
+            raise ConfigurationError(
+                f"heartbeat_interval must be > 0 seconds, got {heartbeat_interval!r}"
+            )
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.last_failures: list[RoundFailedError] = []
         bind_endpoint(scheduler_address)
         self.scheduler_address = scheduler_address
         self.peer_id = peer_id if peer_id is not None else f"peer-{secrets.token_hex(4)}"
@@ -353,7 +376,9 @@ class Peer:
             SchemaMismatchError: the scheduler says the model differs from the session's.
             SignupRejectedError: the scheduler refused the sign-up for another reason.
             RoundTimeoutError: the deadline passed; says what was still missing.
-            RoundAbortedError: the scheduler aborted the round.
+            RoundAbortedError: the scheduler aborted the round (a member gave up,
+                went silent, or could not be reached).
+            RoundFailedError: a member could not be sent to (the scheduler is told).
         """
         if self._ctx is None:
             raise LocalProtocolError("call start() (or use the peer as a context manager) first")
@@ -371,47 +396,128 @@ class Peer:
         started = self._clock()
         deadline = started + timeout
         sent0, recv0 = self._bytes_sent, self._bytes_received
-        self._send_scheduler(
-            Signup(
-                self.session,
-                self.peer_id,
-                self.endpoint or "",
-                self.public_key or "",
-                float(weight),
-                self.frac_bits,
-                schema.to_wire(),
-            )
+        signup = Signup(
+            self.session,
+            self.peer_id,
+            self.endpoint or "",
+            self.public_key or "",
+            float(weight),
+            self.frac_bits,
+            schema.to_wire(),
         )
+        self._send_scheduler(signup)
+        # Sign-up bookkeeping: an assignment counts only after this call's SignupAck
+        # (anything before it is left over from an earlier call), and a Rejoin re-sends
+        # the sign-up once per ack (Rejoins queued before our re-sign-up was seen are stale).
+        acked = False
+        signup_sent = started
+        next_beat = started + self.heartbeat_interval
         rnd: _Round | None = None
         poller = zmq.Poller()
         for sock in (self._inbox, self._scheduler, self._zap.socket if self._zap else None):
             if sock is not None:
                 poller.register(sock, zmq.POLLIN)
-        while rnd is None or not rnd.state.done:
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                self._give_up(rnd)
-                raise RoundTimeoutError(self._timeout_message(rnd, timeout))
-            events = dict(poller.poll(timeout=max(1, math.ceil(remaining * 1000))))
-            if self._zap is not None and self._zap.socket in events:
-                self._zap.handle()
-            if self._scheduler in events:
-                msg, _ = self._recv(self._scheduler, codec.MAX_HEADER_BYTES, FROM_SCHEDULER)
-                if isinstance(msg, Assignment) and rnd is None:
-                    rnd = self._accept_assignment(msg, state_dict, weight, schema)
-                    if rnd is not None:
-                        deadline = min(deadline, rnd.assigned_at + msg.deadline_s)
-                elif msg is not None:
-                    self._on_scheduler_message(msg, rnd)
-            if self._inbox in events:
-                msg, key = self._recv(self._inbox, codec.MAX_PEER_HEADER_BYTES, PEER_TO_PEER)
-                if msg is None:
-                    continue
-                if rnd is not None:
-                    self._feed(rnd, msg, key)
-                elif getattr(msg, "round_id", None) not in self._finished_rounds:
-                    self._early.append((msg, key))
+        try:
+            while rnd is None or not rnd.state.done:
+                now = self._clock()
+                if now >= deadline:
+                    self._give_up(rnd)
+                    raise RoundTimeoutError(self._timeout_message(rnd, timeout))
+                phase_due = self._phase_due(rnd)
+                if phase_due is not None and now >= phase_due[0]:
+                    self._give_up(rnd)
+                    raise RoundTimeoutError(self._phase_timeout_message(rnd, phase_due[1]))
+                if now >= next_beat:
+                    self._heartbeat(rnd)
+                    next_beat = now + self.heartbeat_interval
+                wake = min(deadline, next_beat, phase_due[0] if phase_due else deadline)
+                events = dict(poller.poll(timeout=max(1, math.ceil((wake - now) * 1000))))
+                if self._zap is not None and self._zap.socket in events:
+                    self._zap.handle()
+                if self._scheduler in events:
+                    msg, _ = self._recv(self._scheduler, codec.MAX_HEADER_BYTES, FROM_SCHEDULER)
+                    if isinstance(msg, SignupAck) and msg.peer_id == self.peer_id:
+                        acked = True
+                    if isinstance(msg, Assignment) and rnd is None:
+                        if not acked or msg.round_id in self._finished_rounds:
+                            log.info(
+                                "peer %s ignores stale assignment %s", self.peer_id, msg.round_id
+                            )
+                            continue
+                        rnd = self._accept_assignment(msg, state_dict, weight, schema)
+                        if rnd is not None:
+                            deadline = min(deadline, rnd.assigned_at + msg.deadline_s)
+                    elif isinstance(msg, Rejoin):
+                        # The scheduler does not know us (it restarted, or dropped us as
+                        # silent): sign up again, unless already in a round.
+                        now = self._clock()
+                        if rnd is None and (
+                            acked or now - signup_sent > 5 * self.heartbeat_interval
+                        ):
+                            log.warning(
+                                "peer %s: the scheduler does not know us; signing up again",
+                                self.peer_id,
+                            )
+                            self._send_scheduler(signup)
+                            acked, signup_sent = False, now
+                    elif msg is not None:
+                        self._on_scheduler_message(msg, rnd)
+                if self._inbox in events:
+                    msg, key = self._recv(self._inbox, codec.MAX_PEER_HEADER_BYTES, PEER_TO_PEER)
+                    if msg is None:
+                        continue
+                    if getattr(msg, "round_id", None) in self._finished_rounds:
+                        log.debug(
+                            "peer %s ignores a %s of a finished round", self.peer_id, msg.TYPE
+                        )
+                    elif rnd is not None:
+                        self._feed(rnd, msg, key)
+                    else:
+                        self._early.append((msg, key))
+        except RoundFailedError:
+            if rnd is not None:
+                self._forget(rnd)
+            raise
         return self._finish(rnd, schema, started, sent0, recv0)
+
+    def aggregate_with_retry(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        weight: float = 1.0,
+        timeout: float = 300.0,
+        max_retries: int = 2,
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`aggregate`, retried up to ``max_retries`` times after a failed round.
+
+        Each attempt signs up again and gets ``timeout`` seconds; the scheduler
+        puts the survivors into a new round with a fresh tree, and fresh shares
+        are drawn (re-sharing the same input to a new tree reveals nothing new).
+        Errors that would fail again the same way (a refused sign-up, a bad
+        model or argument) are raised at once. :attr:`last_failures` lists the
+        errors of the attempts that failed.
+
+        Raises:
+            RoundFailedError: the last attempt's error once the retries are spent.
+        """
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ConfigurationError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        self.last_failures = []
+        for attempt in range(max_retries + 1):
+            try:
+                return self.aggregate(state_dict, weight, timeout)
+            except RoundFailedError as exc:
+                if not is_retryable(exc) or attempt == max_retries:
+                    raise
+                self.last_failures.append(exc)
+                log.warning(
+                    "peer %s: round failed (%s: %s); retrying (%d/%d)",
+                    self.peer_id,
+                    type(exc).__name__,
+                    exc,
+                    attempt + 1,
+                    max_retries,
+                )
+        raise LocalProtocolError("unreachable")  # pragma: no cover
 
     # -- internals -------------------------------------------------------
 
@@ -518,6 +624,41 @@ class Peer:
         )
         return decode_result(result, schema)
 
+    def _phase_due(self, rnd: _Round | None) -> tuple[float, int] | None:
+        """The deadline of the phase this peer waits in, and the phase (None: not in a round)."""
+        if rnd is None:
+            return None
+        phase = rnd.state.pending_phase()
+        if phase is None:
+            return None
+        depth = rnd.state.tree.depth
+        return phase_deadline(rnd.assigned_at, rnd.assignment.deadline_s, depth, phase), phase
+
+    def _phase_timeout_message(self, rnd: _Round, phase: int) -> str:
+        what = describe_phase(rnd.state.tree.depth, phase)
+        return (
+            f"peer {self.peer_id} missed the deadline of {what}"
+            f" in round {rnd.assignment.round_id} "
+            f"({self._clock() - rnd.assigned_at:.1f} s after the assignment, round budget "
+            f"{rnd.assignment.deadline_s:g} s), waiting for {rnd.state.waiting_for()}"
+        )
+
+    def _heartbeat(self, rnd: _Round | None) -> None:
+        round_id = rnd.assignment.round_id if rnd is not None else None
+        try:
+            self._send_scheduler(Heartbeat(self.session, self.peer_id, round_id))
+        except RoundFailedError as exc:  # a full queue to the scheduler: it is not reading
+            log.warning("peer %s could not send a heartbeat: %s", self.peer_id, exc)
+
+    def _forget(self, rnd: _Round) -> None:
+        """After a failed round: ignore its messages from now on, drop what waits to go out."""
+        round_id = rnd.assignment.round_id
+        if round_id not in self._finished_rounds:
+            self._finished_rounds.append(round_id)
+        for member in rnd.members.values():
+            sock = self._outboxes.pop(f"{member.endpoint}|{member.public_key}", None)
+            close_quietly(sock, 0)
+
     def _timeout_message(self, rnd: _Round | None, timeout: float) -> str:
         if rnd is None:
             what = (
@@ -544,6 +685,8 @@ class Peer:
                 raise RoundAbortedError(
                     f"round {msg.round_id} aborted by the scheduler: {msg.reason}"
                 )
+            if msg.round_id not in self._finished_rounds:
+                self._finished_rounds.append(msg.round_id)  # its late messages are ignored
             log.info("ignoring abort of round %s we are not in", msg.round_id)
         elif isinstance(msg, Assignment):
             log.warning("ignoring a second assignment (round %s) while in a round", msg.round_id)
@@ -571,7 +714,16 @@ class Peer:
     def _deliver(self, rnd: _Round, sends: list[Send]) -> None:
         for send in sends:
             sock = self._outbox(rnd.members[send.to])
-            self._bytes_sent += send_message(sock, send.message)
+            try:
+                self._bytes_sent += send_message(sock, send.message)
+            except RoundFailedError as exc:
+                # A member we cannot send to has failed (or is hopelessly behind):
+                # tell the scheduler, which aborts the round for everyone.
+                reason = f"cannot send {send.message.TYPE} to member {send.to}: {exc}"
+                self._give_up(rnd, reason)
+                raise RoundFailedError(
+                    f"peer {self.peer_id} in round {rnd.assignment.round_id}: {reason}"
+                ) from exc
 
     def _outbox(self, member: _Member) -> zmq.Socket:
         key = f"{member.endpoint}|{member.public_key}"
@@ -603,10 +755,11 @@ class Peer:
             log.warning("peer %s dropped a malformed message: %s", self.peer_id, exc)
             return None, key
 
-    def _give_up(self, rnd: _Round | None) -> None:
+    def _give_up(self, rnd: _Round | None, reason: str | None = None) -> None:
         try:
             if rnd is not None:
-                reason = f"timed out waiting for {rnd.state.waiting_for()}"
+                if reason is None:
+                    reason = f"timed out waiting for {rnd.state.waiting_for()}"
                 self._send_scheduler(Abort(rnd.assignment.round_id, self.peer_id, reason[:4000]))
                 self._finished_rounds.append(rnd.assignment.round_id)
             else:

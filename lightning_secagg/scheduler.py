@@ -47,7 +47,16 @@ class Scheduler:
             :attr:`public_key`.
         insecure: Plaintext, unauthenticated links. Only for debugging: anyone on
             the network can then read every share. Logged loudly every round.
-        round_timeout: Seconds after which an unfinished round is aborted for all members.
+        round_timeout: Seconds after which an unfinished round is aborted for all
+            members; None (the default) derives it per round from the model's size
+            and the tree's depth (:mod:`lightning_secagg.deadlines`).
+        min_size: Smallest round (default ``target_size``): when fewer than
+            ``target_size`` live peers wait, a round of at least ``min_size`` forms
+            once the oldest has waited ``queue_wait`` seconds.
+        queue_wait: See ``min_size``.
+        liveness_timeout: Seconds of silence (peers heartbeat every second from
+            inside ``aggregate()``) after which a queued peer is dropped and the
+            round of a member is aborted for everyone. None disables it.
         clock: Monotonic clock (injectable for tests).
 
     Raises:
@@ -64,7 +73,10 @@ class Scheduler:
         *,
         keys: KeyPair | None = None,
         insecure: bool = False,
-        round_timeout: float = 300.0,
+        round_timeout: float | None = None,
+        min_size: int | None = None,
+        queue_wait: float = 10.0,
+        liveness_timeout: float | None = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         validate_tree_params(target_size, group_size, num_actors)
@@ -76,8 +88,6 @@ class Scheduler:
         self.keys = None if insecure else (keys or KeyPair.generate())
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigurationError(f"port must be an int in [0, 65535], got {port!r}")
-        if not round_timeout > 0:
-            raise ConfigurationError(f"round_timeout must be > 0, got {round_timeout!r}")
         self._bind = bind_endpoint(f"tcp://{host}:{port}")
         self._clock = clock
         self.state = SchedulerState(
@@ -85,6 +95,9 @@ class Scheduler:
             group_size,
             num_actors,
             round_timeout=round_timeout,
+            min_size=min_size,
+            queue_wait=queue_wait,
+            liveness_timeout=liveness_timeout,
             clock=clock,
             insecure=insecure,
         )

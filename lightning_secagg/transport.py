@@ -33,7 +33,7 @@ def bind_endpoint(address: str) -> str:
     """
     if address.startswith(("ipc://", "inproc://")):
         return address
-    m = _TCP_RE.match(address)
+    m = _TCP_RE.fullmatch(address)
     if m is None:
         raise ConfigurationError(
             f"address must look like tcp://HOST:PORT (PORT 0 for any free port), got {address!r}"
@@ -46,7 +46,7 @@ def bind_endpoint(address: str) -> str:
 
 def is_wildcard_host(endpoint: str) -> bool:
     """True for addresses others cannot connect to as they are (``0.0.0.0``, ``*``, ``::``)."""
-    m = _TCP_RE.match(endpoint)
+    m = _TCP_RE.fullmatch(endpoint)
     return bool(m) and m.group("host") in ("0.0.0.0", "*", "[::]", "[::0]")  # noqa: S104
 
 

@@ -81,6 +81,11 @@ def validate(message: Any) -> dict[str, Any]:
         for key in ("acc_before", "acc_after"):
             if not _is_number(message.get(key), allow_none=True):
                 raise ValueError(f"round: {key!r} must be a number or None")
+        retries = message.get("retries", 0)
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError("round: 'retries' must be an int >= 0")
+        if not isinstance(message.get("digest", ""), str):
+            raise ValueError("round: 'digest' must be a string")
     elif kind == "milestone":
         if not _is_number(message.get("milestone")) or not isinstance(message.get("epoch"), int):
             raise ValueError("milestone: needs a number 'milestone' and an int 'epoch'")
@@ -256,6 +261,8 @@ class Collector:
                     "seconds_min": seconds[0],
                     "seconds_max": seconds[-1],
                     "seconds_iqr": _iqr(seconds),
+                    "retries": max(r.get("retries", 0) for r in reports),
+                    "digests": sorted({r["digest"] for r in reports if r.get("digest")}),
                 }
             )
         return rows
@@ -315,9 +322,30 @@ class Collector:
                 f"Final averaged test accuracy: {100 * last['acc_after_min']:.2f}%"
                 f" ({same} {last['peers']} peers, epoch {last['epoch']})"
             )
+        if rows:
+            retried = [f"epoch {r['epoch']} ({r['retries']} retry)" for r in rows if r["retries"]]
+            lines.append("")
+            lines.append(
+                "Retried rounds: "
+                + (", ".join(retried) if retried else "none")
+                + " (a failed round is retried with the peers still alive)"
+            )
+            digests = rows[-1]["digests"]
+            if digests:
+                verdict = (
+                    f"identical on all {rows[-1]['peers']} peers (sha256 {digests[0][:16]})"
+                    if len(digests) == 1
+                    else f"DIFFER between peers ({len(digests)} distinct)"
+                )
+                lines.append(f"Weights after the last round: {verdict}")
         if self.dropped:
             lines.append(f"({self.dropped} malformed report(s) dropped)")
         return "\n".join(lines)
+
+    def final_digests(self) -> list[str]:
+        """The distinct weight digests the peers reported after the last round."""
+        rows = self.per_epoch()
+        return rows[-1]["digests"] if rows else []
 
     def final_accuracies(self) -> list[float]:
         """The post-averaging accuracies the peers reported for the last epoch."""

@@ -10,6 +10,7 @@ Started by ``train.py`` (one process per peer); runnable by hand too::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_secagg.callback import SecureAggregationCallback
 from lightning_secagg.errors import SecAggError
+from lightning_secagg.peer import Peer
 
 log = logging.getLogger("mnist.peer")
 
@@ -59,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-key", default=None, help="the scheduler's public key")
     parser.add_argument("--insecure", action="store_true", help="plaintext links (debugging)")
     parser.add_argument("--round-timeout", type=float, default=120.0)
+    parser.add_argument("--max-retries", type=int, default=2, help="retries of a failed round")
+    parser.add_argument(
+        "--crash-in-round",
+        type=int,
+        default=0,
+        help="fault injection: SIGKILL this peer when it gets the assignment of this epoch's"
+        " round (1-based; 0: never)",
+    )
     parser.add_argument("--milestones", type=parse_milestones, default=[])
     parser.add_argument("--aggregation-only", action="store_true")
     parser.add_argument("--pre-aggregation-evaluation", action="store_true")
@@ -69,6 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch-stdin", action="store_true", help="exit when stdin closes (set by train.py)"
     )
     return parser
+
+
+class CrashingPeer(Peer):
+    """A peer that SIGKILLs its own process on the next assignment once armed (fault demo)."""
+
+    armed = False
+
+    def _accept_assignment(self, msg: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.armed:
+            print(f"[{self.peer_id}] fault injection: kill -9 in round {msg.round_id}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super()._accept_assignment(msg, *args, **kwargs)
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of every tensor of the module's state, to show peers end bit-identical."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 class BenchmarkAggregation(SecureAggregationCallback):
@@ -87,9 +118,11 @@ class BenchmarkAggregation(SecureAggregationCallback):
         pre_evaluation: bool,
         milestones: list[float],
         epochs: int,
+        crash_in_round: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.crash_in_round = crash_in_round
         self.index = index
         self.reporter = reporter
         self.test_loader = test_loader
@@ -100,7 +133,17 @@ class BenchmarkAggregation(SecureAggregationCallback):
         self.reached: set[float] = set()
         self.history: list[dict[str, Any]] = []
 
+    def _create_peer(self) -> Peer:
+        kwargs: dict[str, Any] = {"session": self.session, "peer_id": self.peer_id}
+        if self.scheduler_key is not None:
+            kwargs["scheduler_key"] = self.scheduler_key
+        if self.insecure:
+            kwargs["insecure"] = True
+        return CrashingPeer(self.address, self.scheduler, **kwargs)
+
     def on_before_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(self.peer, CrashingPeer):
+            self.peer.armed = trainer.current_epoch + 1 == self.crash_in_round
         self.acc_before = None
         if self.pre_evaluation and self.test_loader is not None:
             self.acc_before = evaluate(pl_module, self.test_loader, pl_module.device)
@@ -120,13 +163,16 @@ class BenchmarkAggregation(SecureAggregationCallback):
             "num_peers": int(stats.get("num_peers", 0)),
             "acc_before": self.acc_before,
             "acc_after": acc_after,
+            "retries": int(stats.get("retries", 0)),
+            "digest": weights_digest(pl_module),
         }
         self.history.append(report)
         before = "" if self.acc_before is None else f"before {100 * self.acc_before:.2f}%, "
         after = "" if acc_after is None else f"after {100 * acc_after:.2f}%, "
+        retried = f", after {report['retries']} retry(ies)" if report["retries"] else ""
         print(
             f"[peer {self.index}] epoch {epoch}/{self.epochs}: test accuracy {before}{after}"
-            f"round {report['seconds']:.3f}s ({report['num_peers']} peers)",
+            f"round {report['seconds']:.3f}s ({report['num_peers']} peers{retried})",
             flush=True,
         )
         if self.reporter is not None:
@@ -222,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             pre_evaluation=args.pre_aggregation_evaluation and not args.aggregation_only,
             milestones=args.milestones,
             epochs=args.epochs,
+            crash_in_round=args.crash_in_round,
+            max_retries=args.max_retries,
             scheduler=f"tcp://{args.server}",
             address=f"tcp://{args.client}",
             session=args.session,

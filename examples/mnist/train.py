@@ -7,8 +7,11 @@ collector in this process. Peer *i* listens on ``--client-start-port + i *
 --client-port-dif``. At the end it prints a summary table and saves a plot.
 
 Every process ends when the run ends, when any peer fails, on Ctrl-C or on
-SIGTERM; the exit code is 0 only when every peer finished every round
-(1: a failure, 130: interrupted).
+SIGTERM; the exit code is 0 only when every surviving peer finished every round
+with the same weights (1: a failure, 130: interrupted). A peer *killed* by a
+signal (``kill -9``, ``--kill-peer``) does not stop the run: the scheduler
+notices its silence, aborts its round, and the others retry without it (with
+``--server-min-size`` below the target size, rounds go on with the survivors).
 """
 
 # ruff: noqa: E402 - the sys.path fallback below must run before the imports
@@ -118,6 +121,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1, help="model initialisation seed")
     parser.add_argument("--round-timeout", type=float, default=120.0, help="seconds per round")
     parser.add_argument(
+        "--server-min-size",
+        type=int,
+        default=None,
+        help="smallest round once --server-queue-wait is over (default: the target size,"
+        " or one less with --kill-peer)",
+    )
+    parser.add_argument(
+        "--server-queue-wait", type=float, default=5.0, help="seconds before a smaller round"
+    )
+    parser.add_argument(
+        "--server-liveness-timeout",
+        type=float,
+        default=5.0,
+        help="seconds of silence after which the scheduler declares a peer dead",
+    )
+    parser.add_argument(
+        "--kill-peer",
+        type=int,
+        default=None,
+        help="fault demo: this peer kills itself (SIGKILL) when its round of --kill-in-round"
+        " begins",
+    )
+    parser.add_argument(
+        "--kill-in-round", type=int, default=2, help="epoch (1-based) of --kill-peer's death"
+    )
+    parser.add_argument(
         "--insecure",
         action="store_true",
         help="plaintext links between scheduler and peers (debugging only)",
@@ -140,6 +169,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     last = args.client_start_port + (args.total - 1) * args.client_port_dif
     if not (1 <= args.client_start_port <= 65535 and 1 <= last <= 65535):
         parser.error(f"peer ports run from {args.client_start_port} to {last}; not in [1, 65535]")
+    if args.kill_peer is not None and not 0 <= args.kill_peer < args.total:
+        parser.error(f"--kill-peer must be in [0, {args.total - 1}], got {args.kill_peer}")
+    if args.server_min_size is None and args.kill_peer is not None:
+        args.server_min_size = args.server_target_size - 1
     if args.total % args.server_target_size != 0:
         parser.error(
             f"--total ({args.total}) must be a multiple of --server-target-size"
@@ -184,6 +217,7 @@ class Launcher:
         self.peers: list[subprocess.Popen] = []
         self.threads: list[threading.Thread] = []
         self.scheduler_key: str | None = None
+        self.lost: list[int] = []  # peers killed by a signal; the others carry on
 
     def _spawn(self, command: list[str], pipe_stdout: bool) -> subprocess.Popen:
         return subprocess.Popen(
@@ -216,7 +250,13 @@ class Launcher:
             str(args.server_num_actors),
             "--round-timeout",
             str(args.round_timeout),
+            "--queue-wait",
+            str(args.server_queue_wait),
+            "--liveness-timeout",
+            str(args.server_liveness_timeout),
         ]
+        if args.server_min_size is not None:
+            command += ["--min-size", str(args.server_min_size)]
         if args.insecure:
             command.append("--insecure")
         self.scheduler = self._spawn(command, pipe_stdout=True)
@@ -274,6 +314,8 @@ class Launcher:
             ]
             if self.scheduler_key is not None:
                 command += ["--server-key", self.scheduler_key]
+            if args.kill_peer == i:
+                command += ["--crash-in-round", str(args.kill_in_round)]
             flags = (
                 "no_cuda",
                 "aggregation_only",
@@ -312,6 +354,15 @@ class Launcher:
                     if code is None:
                         continue
                     remaining.discard(pid)
+                    if code < 0:
+                        index = self.peers.index(watched[pid])
+                        self.lost.append(index)
+                        print(
+                            f"peer {index} was killed ({signal.Signals(-code).name});"
+                            " the others carry on without it",
+                            flush=True,
+                        )
+                        continue
                     if code != 0:
                         index = self.peers.index(watched[pid])
                         print(
@@ -400,9 +451,15 @@ def main(argv: list[str] | None = None) -> int:
         if saved is not None:
             print(f"Plot saved to {saved}")
         finals = collector.final_accuracies()
+        survivors = args.total - len(launcher.lost)
+        if launcher.lost:
+            print(f"peers killed during the run: {sorted(launcher.lost)}; {survivors} finished")
+        if code == 0 and len(collector.final_digests()) > 1:
+            print("peers end with different weights")
+            code = 1
         if code == 0 and not args.aggregation_only:
-            if len(finals) != args.total:
-                print(f"only {len(finals)} of {args.total} peers reported a final accuracy")
+            if len(finals) != survivors:
+                print(f"only {len(finals)} of {survivors} peers reported a final accuracy")
                 code = 1
             elif len(set(finals)) != 1:
                 print("peers disagree on the final accuracy: averaging did not converge them")

@@ -190,6 +190,24 @@ class PeerRound:
             return self._distribute(payload)
         raise RemoteProtocolError(f"unexpected {type(message).__name__} between peers")
 
+    def pending_phase(self) -> int | None:
+        """The earliest phase (see :mod:`lightning_secagg.deadlines`) this peer still waits in.
+
+        Phase ``L < depth``: shares of level ``L``; ``depth``: the root exchange;
+        ``2 * depth - t``: the result, for a peer whose top level is ``t``.
+        None once the result is held.
+        """
+        if self.result is not None:
+            return None
+        pending = [
+            self.tree.depth if key[0] == ROOT else key[0]
+            for key, acc in self._accs.items()
+            if not acc.complete
+        ]
+        if pending:
+            return min(pending)
+        return 2 * self.tree.depth - self.top_level
+
     def waiting_for(self) -> str:
         """What this peer still waits for, for timeout errors."""
         parts = []

@@ -16,14 +16,17 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lightning_secagg.deadlines import DEFAULT_POLICY, DeadlinePolicy
 from lightning_secagg.encoding import Schema
-from lightning_secagg.errors import RemoteProtocolError
+from lightning_secagg.errors import ConfigurationError, RemoteProtocolError
 from lightning_secagg.messages import (
     Abort,
     Assignment,
     Done,
+    Heartbeat,
     Leave,
     Message,
+    Rejoin,
     Signup,
     SignupAck,
     SignupRejected,
@@ -48,6 +51,8 @@ class _Waiting:
     conn: bytes
     signup: Signup
     schema: Schema
+    joined: float = 0.0
+    seen: float = 0.0
 
 
 @dataclass
@@ -66,6 +71,7 @@ class ActiveRound:
     deadline: float
     started: float
     done: dict[str, Done] = field(default_factory=dict)
+    seen: dict[str, float] = field(default_factory=dict)
 
 
 def default_round_id() -> str:
@@ -80,7 +86,18 @@ class SchedulerState:
         target_size: Peers per round.
         group_size: Participants per group of the tree.
         num_actors: Actors per group.
-        round_timeout: Seconds a round may take before it is aborted for everyone.
+        round_timeout: Seconds a round may take before it is aborted for everyone;
+            None derives it per round from the model's size and the tree's depth
+            (see :mod:`lightning_secagg.deadlines`).
+        min_size: Smallest round; below ``target_size`` a round of at least
+            ``min_size`` live peers forms once the oldest has waited ``queue_wait``
+            seconds. Defaults to ``target_size`` (only full rounds).
+        queue_wait: Seconds the oldest queued peer waits for a full round before
+            a smaller one (>= ``min_size``) forms.
+        liveness_timeout: A queued peer, or a round member that has not finished,
+            silent for longer (no sign-up, heartbeat or Done) is dead: dropped from
+            the queue, or its round aborted. None disables liveness checks.
+        deadline_policy: How a derived ``round_timeout`` scales.
         clock: Monotonic seconds.
         insecure: Links are plaintext; said loudly in the log of every round.
         rng: Shuffle randomness for the tree (a CSPRNG in production).
@@ -93,17 +110,48 @@ class SchedulerState:
         group_size: int,
         num_actors: int,
         *,
-        round_timeout: float = 300.0,
+        round_timeout: float | None = 300.0,
+        min_size: int | None = None,
+        queue_wait: float = 0.0,
+        liveness_timeout: float | None = None,
+        deadline_policy: DeadlinePolicy = DEFAULT_POLICY,
         clock: Callable[[], float],
         rng: ShuffleRandom | None = None,
         new_round_id: Callable[[], str] = default_round_id,
         insecure: bool = False,
     ) -> None:
         validate_tree_params(target_size, group_size, num_actors)
+        min_size = target_size if min_size is None else min_size
+        if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size > target_size:
+            raise ConfigurationError(
+                f"min_size must be an int <= target_size={target_size}, got {min_size!r}"
+            )
+        try:
+            validate_tree_params(min_size, group_size, num_actors)
+        except ConfigurationError as exc:
+            raise ConfigurationError(str(exc).replace("target_size", "min_size")) from None
+        if not (isinstance(queue_wait, (int, float)) and 0 <= queue_wait < float("inf")):
+            raise ConfigurationError(f"queue_wait must be >= 0 seconds, got {queue_wait!r}")
+        if liveness_timeout is not None and not (
+            isinstance(liveness_timeout, (int, float)) and 0 < liveness_timeout < float("inf")
+        ):
+            raise ConfigurationError(
+                f"liveness_timeout must be None or > 0 seconds, got {liveness_timeout!r}"
+            )
+        if round_timeout is not None and not (
+            isinstance(round_timeout, (int, float)) and 0 < round_timeout <= 86400
+        ):
+            raise ConfigurationError(
+                f"round_timeout must be None or in (0, 86400] seconds, got {round_timeout!r}"
+            )
         self.target_size = target_size
         self.group_size = group_size
         self.num_actors = num_actors
         self.round_timeout = round_timeout
+        self.min_size = min_size
+        self.queue_wait = float(queue_wait)
+        self.liveness_timeout = liveness_timeout
+        self.deadline_policy = deadline_policy
         self._clock = clock
         self._rng = rng if rng is not None else secrets.SystemRandom()
         self._new_round_id = new_round_id
@@ -135,6 +183,8 @@ class SchedulerState:
                     )
                 ]
             return self._signup(conn, message)
+        if isinstance(message, Heartbeat):
+            return self._heartbeat(conn, message)
         if isinstance(message, Done):
             return self._done(conn, message)
         if isinstance(message, Leave):
@@ -145,15 +195,47 @@ class SchedulerState:
 
     def next_deadline(self) -> float | None:
         """When :meth:`tick` next has work to do (None: nothing pending)."""
-        return min((r.deadline for r in self.rounds.values()), default=None)
+        due = [r.deadline for r in self.rounds.values()]
+        live = self.liveness_timeout
+        if live is not None:
+            for rnd in self.rounds.values():
+                due += [t + live for p, t in rnd.seen.items() if p not in rnd.done]
+            for session in self.sessions.values():
+                due += [w.seen + live for w in session.queue.values()]
+        if self.min_size < self.target_size:
+            for session in self.sessions.values():
+                if len(session.queue) >= self.min_size:
+                    due.append(min(w.joined for w in session.queue.values()) + self.queue_wait)
+        return min(due, default=None)
 
     def tick(self) -> list[Outgoing]:
-        """Abort every round whose deadline has passed."""
+        """Abort overdue rounds and rounds with a silent member, drop silent queued
+        peers, and form the smaller rounds whose queue wait is over."""
         now = self._clock()
         out: list[Outgoing] = []
         for rnd in [r for r in self.rounds.values() if r.deadline <= now]:
             waiting = sorted(set(rnd.members) - set(rnd.done))
             out += self._abort(rnd, f"round deadline passed; no Done from {', '.join(waiting)}")
+        live = self.liveness_timeout
+        if live is not None:
+            for rnd in list(self.rounds.values()):
+                silent = sorted(
+                    p for p, t in rnd.seen.items() if p not in rnd.done and now >= t + live
+                )
+                if silent:
+                    out += self._abort(
+                        rnd,
+                        f"member {', '.join(silent)} silent for more than {live:g} s "
+                        "(dead, stopped or cut off)",
+                    )
+        for name, session in self.sessions.items():
+            self._expire_queued(name, session, now)
+            if (
+                self.min_size < self.target_size
+                and len(session.queue) >= self.min_size
+                and now >= min(w.joined for w in session.queue.values()) + self.queue_wait
+            ):
+                out += self._form_round(name, session)
         return out
 
     def unreachable(self, conn: bytes) -> list[Outgoing]:
@@ -167,6 +249,35 @@ class SchedulerState:
             pid = next(p for p, c in rnd.members.items() if c == conn)
             out += self._abort(rnd, f"peer {pid} became unreachable")
         return out
+
+    def _expire_queued(self, name: str, session: _Session, now: float) -> None:
+        live = self.liveness_timeout
+        if live is None:
+            return
+        for pid in [p for p, w in session.queue.items() if now >= w.seen + live]:
+            log.warning(
+                "dropping peer %s from session %r: silent for more than %g s", pid, name, live
+            )
+            del session.queue[pid]
+
+    def _heartbeat(self, conn: bytes, msg: Heartbeat) -> list[Outgoing]:
+        now = self._clock()
+        for rnd in self.rounds.values():
+            if rnd.members.get(msg.peer_id) == conn and msg.peer_id not in rnd.done:
+                rnd.seen[msg.peer_id] = now
+                return []
+        session = self.sessions.get(msg.session)
+        waiting = session.queue.get(msg.peer_id) if session else None
+        if waiting is not None and waiting.conn == conn:
+            waiting.seen = now
+            return []
+        if msg.round_id is not None:
+            # A round we no longer follow (finished, aborted, or before a restart): the
+            # peer has its Abort or its result, or finishes without us.
+            log.debug("heartbeat of %s for round %s we do not follow", msg.peer_id, msg.round_id)
+            return []
+        log.info("heartbeat from unknown peer %s: asking it to sign up again", msg.peer_id)
+        return [Outgoing(conn, Rejoin(msg.session, msg.peer_id))]
 
     def queued(self, session: str) -> int:
         """How many peers wait in ``session``."""
@@ -211,7 +322,8 @@ class SchedulerState:
                         conn, SignupRejected(msg.session, msg.peer_id, "schema_mismatch", reason)
                     ),
                 ]
-        session.queue[msg.peer_id] = _Waiting(conn, msg, schema)
+        now = self._clock()
+        session.queue[msg.peer_id] = _Waiting(conn, msg, schema, joined=now, seen=now)
         log.info(
             "peer %s joined session %r (%d/%d waiting)",
             msg.peer_id,
@@ -220,6 +332,7 @@ class SchedulerState:
             self.target_size,
         )
         out.append(Outgoing(conn, SignupAck(msg.session, msg.peer_id, len(session.queue))))
+        self._expire_queued(msg.session, session, now)
         while len(session.queue) >= self.target_size:
             out += self._form_round(msg.session, session)
         return out
@@ -230,13 +343,19 @@ class SchedulerState:
         tree = build_tree(ids, self.group_size, self.num_actors, self._rng)
         round_id = self._new_round_id()
         now = self._clock()
+        if self.round_timeout is not None:
+            budget = self.round_timeout
+        else:
+            vector_bytes = 8 * chosen[0].schema.vector_size
+            budget = self.deadline_policy.round_budget(vector_bytes, tree.depth, self.group_size)
         rnd = ActiveRound(
             round_id=round_id,
             session=name,
             members={w.signup.peer_id: w.conn for w in chosen},
             tree=tree,
-            deadline=now + self.round_timeout,
+            deadline=now + budget,
             started=now,
+            seen={w.signup.peer_id: now for w in chosen},
         )
         self.rounds[round_id] = rnd
         if self.insecure:
@@ -245,11 +364,12 @@ class SchedulerState:
                 round_id,
             )
         log.info(
-            "round %s of session %r: %d peers, depth %d, tree %s",
+            "round %s of session %r: %d peers, depth %d, deadline %.1f s, tree %s",
             round_id,
             name,
             len(ids),
             tree.depth,
+            budget,
             format_tree(tree),
         )
         assignment = Assignment(
@@ -260,7 +380,7 @@ class SchedulerState:
             group_size=self.group_size,
             num_actors=self.num_actors,
             total_weight=sum(w.signup.weight for w in chosen),
-            deadline_s=self.round_timeout,
+            deadline_s=budget,
         )
         return [Outgoing(w.conn, assignment) for w in chosen]
 

@@ -235,6 +235,37 @@ def test_launcher_aggregation_only(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.timeout(200)
+def test_launcher_survives_kill_of_one_peer(tmp_path):
+    # peer 1 kills itself (SIGKILL) when round 2 begins: the scheduler notices its silence,
+    # aborts the round, the three others retry without it and finish every epoch alike
+    proc, _ = launch(
+        tmp_path,
+        "--epochs",
+        "3",
+        "--data-skip",
+        "50",
+        "--kill-peer",
+        "1",
+        "--kill-in-round",
+        "2",
+        "--server-queue-wait",
+        "2",
+        "--server-liveness-timeout",
+        "2",
+        total=4,
+    )
+    code, out = finish(proc, 150)
+    assert code == 0, out
+    assert "peer 1 was killed (SIGKILL)" in out
+    assert "Retried rounds: epoch 2 (1 retry)" in out
+    assert "Weights after the last round: identical on all 3 peers" in out
+    for i in (0, 2, 3):
+        assert f"[peer {i}] epoch 3/3" in out
+    assert "run succeeded" in out
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(200)
 def test_one_failing_peer_stops_the_run(tmp_path):
     # occupy peer 1's port: that peer cannot start, the others must not hang
     base = free_port_block(5)

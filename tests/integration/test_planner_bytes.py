@@ -93,7 +93,8 @@ def plan_for(
         Schema.of(model(0)),
         members=members,
         round_id=round_ids.pop(),
-        deadline_s=sched.state.round_timeout,
+        # derived per round by default (None here); any float packs to 9 bytes
+        deadline_s=sched.state.round_timeout or 60.0,
         **kw,
     ), stats
 

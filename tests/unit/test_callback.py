@@ -159,9 +159,11 @@ def _train(tmp_path, callbacks, model=None, trainer_cls=pl.Trainer, fit_kwargs=N
         ({"round_timeout": float("inf")}, "`round_timeout` must be a finite number"),
         ({"round_timeout": "60"}, "`round_timeout` must be a finite number"),
         (
-            {"on_failure": "retry"},
-            r"`on_failure` must be one of \('raise', 'keep_local'\), found 'retry'",
+            {"on_failure": "forever"},
+            r"`on_failure` must be one of \('retry', 'raise', 'keep_local'\), found 'forever'",
         ),
+        ({"max_retries": -1}, "`max_retries` must be an integer >= 0, found -1"),
+        ({"max_retries": True}, "`max_retries` must be an integer >= 0, found True"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -473,11 +475,44 @@ def _failing(errors):
 
 
 def test_on_failure_raise(tmp_path):
-    cb = _failing([RoundTimeoutError("waited 1s for shares")])()
+    cb = _failing([RoundTimeoutError("waited 1s for shares")])(on_failure="raise")
     with pytest.raises(RoundTimeoutError, match="waited 1s"):
         _train(tmp_path, [cb])
     assert FakePeer.instances[0].stopped == 1
     assert isinstance(cb.last_error, TimeoutError)
+
+
+def test_on_failure_retry_is_the_default_and_counts_retries(tmp_path):
+    cb = _failing([RoundAbortedError("member p3 silent"), RoundTimeoutError("shares")])()
+    assert cb.on_failure == "retry"
+    seen = []
+    cb.on_after_round = lambda trainer, module, stats, error: seen.append((stats, error))
+    trainer = _train(tmp_path, [cb], max_epochs=2)
+    peer = FakePeer.instances[0]
+    assert len(peer.calls) == 4  # epoch 0: two failed attempts, then success; epoch 1: one
+    assert (cb.rounds_completed, cb.rounds_failed, cb.rounds_retried) == (2, 0, 2)
+    assert [s["retries"] for s, _ in seen] == [2, 0]
+    assert "RoundAbortedError: member p3 silent" in seen[0][0]["failed_attempts"][0]
+    assert trainer.callback_metrics["secagg/retries"] == 2
+    assert trainer.callback_metrics["secagg/failed_rounds"] == 0
+
+
+def test_on_failure_retry_gives_up_after_max_retries(tmp_path):
+    errors = [RoundAbortedError(f"attempt {i}") for i in range(3)]
+    cb = _failing(errors)(max_retries=2)
+    with pytest.raises(RoundAbortedError, match="attempt 2"):
+        _train(tmp_path, [cb])
+    assert len(FakePeer.instances[0].calls) == 3
+
+
+@pytest.mark.parametrize(
+    "error", [SchemaMismatchError("other model"), EncodingError("NaN in layer.weight")]
+)
+def test_on_failure_retry_does_not_retry_errors_that_repeat(tmp_path, error):
+    cb = _failing([error])()
+    with pytest.raises(type(error)):
+        _train(tmp_path, [cb])
+    assert len(FakePeer.instances[0].calls) == 1
 
 
 def test_on_failure_keep_local(tmp_path):
