@@ -13,6 +13,7 @@ from lightning_secagg.encoding import Schema
 from lightning_secagg.errors import (
     ConfigurationError,
     EncodingError,
+    PeerIdInUseError,
     ProtocolError,
     RoundAbortedError,
     RoundFailedError,
@@ -37,6 +38,7 @@ __all__ = [
     "EncodingError",
     "KeyPair",
     "Peer",
+    "PeerIdInUseError",
     "ProtocolError",
     "RoundAbortedError",
     "RoundFailedError",

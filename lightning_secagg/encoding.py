@@ -34,7 +34,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lightning_secagg.errors import ConfigurationError, EncodingError, SchemaMismatchError
+from lightning_secagg.errors import (
+    ConfigurationError,
+    EncodingError,
+    InvalidTotalError,
+    SchemaMismatchError,
+)
 
 DEFAULT_FRAC_BITS = 32
 #: Elements encoded per step (a 512 KiB float64 temporary).
@@ -325,12 +330,14 @@ def decode_total(total: np.ndarray, schema: Schema) -> np.ndarray:
     bool tensors become True where at least half the weight said True.
 
     Raises:
-        EncodingError: the summed count slot is not positive (contributions are missing).
+        InvalidTotalError: the summed count slot is not positive (a wrong share or partial sum).
     """
     signed = total.view(np.int64)
     count = float(signed[0])
     if count <= 0:
-        raise EncodingError(f"the summed count slot is {count}: contributions are missing")
+        raise InvalidTotalError(
+            f"the summed count slot is {count}: a member sent a wrong share or partial sum"
+        )
     out = np.zeros(schema.result_nbytes, dtype=np.uint8)
     src = 1
     for spec, dst in zip(schema.tensors, schema.result_offsets, strict=True):

@@ -52,5 +52,21 @@ class SignupRejectedError(RoundFailedError):
     """The scheduler refused our sign-up (e.g. the model schema differs from the session's)."""
 
 
+class InvalidTotalError(RoundFailedError):
+    """The round's ring total cannot be decoded (its count slot is not positive).
+
+    Honest peers never produce it; it means a member sent a wrong share or
+    partial sum. Nothing is returned from such a round.
+    """
+
+
+class PeerIdInUseError(RoundFailedError):
+    """Another key holds this peer id (queued or in a round); retry once it is released.
+
+    Not a :class:`SignupRejectedError`: a crashed peer restarted under the same id
+    gets in once the scheduler has found its old incarnation dead.
+    """
+
+
 class SchemaMismatchError(SignupRejectedError, ValueError):
     """The model's names, shapes or dtypes differ from those of the session's other peers."""

@@ -265,7 +265,9 @@ class SignupAck(Message):
 class SignupRejected(Message):
     """The scheduler refused the sign-up; ``code`` is machine-readable, ``reason`` says why.
 
-    Codes: ``schema_mismatch`` (the model differs from the session's), ``bad_schema``.
+    Codes: ``schema_mismatch`` (the model differs from the session's), ``bad_schema``,
+    ``bad_key`` (the sign-up's key is not its connection's), ``id_in_use`` (another
+    key holds the peer id).
     """
 
     session: str

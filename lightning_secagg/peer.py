@@ -39,7 +39,9 @@ from lightning_secagg.encoding import (
 )
 from lightning_secagg.errors import (
     ConfigurationError,
+    InvalidTotalError,
     LocalProtocolError,
+    PeerIdInUseError,
     RemoteProtocolError,
     RoundAbortedError,
     RoundFailedError,
@@ -677,7 +679,10 @@ class Peer:
         elif isinstance(msg, SignupRejected):
             if msg.peer_id != self.peer_id:
                 return
-            cls = SchemaMismatchError if msg.code == "schema_mismatch" else SignupRejectedError
+            cls = {
+                "schema_mismatch": SchemaMismatchError,
+                "id_in_use": PeerIdInUseError,
+            }.get(msg.code, SignupRejectedError)
             raise cls(f"scheduler refused peer {self.peer_id}: {msg.reason}")
         elif isinstance(msg, Abort):
             if rnd is not None and msg.round_id == rnd.assignment.round_id:
@@ -709,6 +714,10 @@ class Peer:
         except RemoteProtocolError as exc:
             log.warning("peer %s dropped a %s: %s", self.peer_id, msg.TYPE, exc)
             return
+        except InvalidTotalError as exc:
+            # A member sent a wrong partial sum: no result can come out of this round.
+            self._give_up(rnd, str(exc))
+            raise
         self._deliver(rnd, sends)
 
     def _deliver(self, rnd: _Round, sends: list[Send]) -> None:

@@ -72,6 +72,7 @@ class ActiveRound:
     started: float
     done: dict[str, Done] = field(default_factory=dict)
     seen: dict[str, float] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
 
 
 def default_round_id() -> str:
@@ -296,6 +297,16 @@ class SchedulerState:
                     SignupRejected(msg.session, msg.peer_id, "bad_schema", f"bad schema: {exc}"),
                 )
             ]
+        holder = self._key_holding(msg.session, msg.peer_id)
+        if holder is not None and holder != msg.public_key:
+            # An id belongs to the key that holds it (queued or in a round): otherwise
+            # anyone who learnt an id could take a victim's place or abort its round.
+            reason = (
+                f"peer id {msg.peer_id!r} is held by another key (queued or in a round); "
+                "it is released when that peer leaves, finishes or is found dead"
+            )
+            log.warning("refusing a sign-up: %s", reason)
+            return [Outgoing(conn, SignupRejected(msg.session, msg.peer_id, "id_in_use", reason))]
         out: list[Outgoing] = []
         # A member signing up again before its Done has left its round: it cannot finish.
         for rnd in [
@@ -337,6 +348,17 @@ class SchedulerState:
             out += self._form_round(msg.session, session)
         return out
 
+    def _key_holding(self, session: str, peer_id: str) -> str | None:
+        """The public key that holds ``peer_id`` in ``session`` right now, if any."""
+        queued = self.sessions.get(session)
+        waiting = queued.queue.get(peer_id) if queued else None
+        if waiting is not None:
+            return waiting.signup.public_key
+        for rnd in self.rounds.values():
+            if rnd.session == session and peer_id in rnd.members and peer_id not in rnd.done:
+                return rnd.keys.get(peer_id)
+        return None
+
     def _form_round(self, name: str, session: _Session) -> list[Outgoing]:
         chosen = [session.queue.pop(pid) for pid in list(session.queue)[: self.target_size]]
         ids = [w.signup.peer_id for w in chosen]
@@ -356,6 +378,7 @@ class SchedulerState:
             deadline=now + budget,
             started=now,
             seen={w.signup.peer_id: now for w in chosen},
+            keys={w.signup.peer_id: w.signup.public_key for w in chosen},
         )
         self.rounds[round_id] = rnd
         if self.insecure:

@@ -20,7 +20,13 @@ from lightning_secagg.encoding import (
     encode,
     value_limit,
 )
-from lightning_secagg.errors import ConfigurationError, EncodingError, SchemaMismatchError
+from lightning_secagg.errors import (
+    ConfigurationError,
+    EncodingError,
+    InvalidTotalError,
+    RoundFailedError,
+    SchemaMismatchError,
+)
 from tests.unit.memnet import cast_bound, fixed_point_bound, weighted_mean
 
 pytestmark = pytest.mark.timeout(60)
@@ -231,11 +237,12 @@ def test_bool_is_a_weighted_majority_ties_true():
 
 def test_zero_count_slot_refused():
     schema = Schema.of({"w": torch.zeros(2)})
-    with pytest.raises(EncodingError, match="count slot"):
+    with pytest.raises(InvalidTotalError, match="count slot"):
         decode_total(np.zeros(3, dtype=np.uint64), schema)
     negative = np.array([-5, 0, 0], dtype=np.int64).view(np.uint64)
-    with pytest.raises(EncodingError, match="count slot"):
+    with pytest.raises(InvalidTotalError, match="count slot") as info:
         decode_total(negative, schema)
+    assert isinstance(info.value, RoundFailedError)  # retryable, not a local encoding error
 
 
 def test_decode_result_wrong_size_refused():

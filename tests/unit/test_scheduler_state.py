@@ -278,6 +278,35 @@ def test_signup_of_a_round_member_aborts_that_round():
     assert state.queued("s") == 1
 
 
+OTHER_KEY = "Y" * 40
+
+
+@pytest.mark.parametrize("where", ["queued", "in_round"])
+def test_a_peer_id_belongs_to_the_key_that_holds_it(where):
+    """Knowing a peer's id is not enough to take its place or abort its round."""
+    state, _ = make_state(target=3)
+    state.receive(conn(0), signup(0, key=KEY), key=KEY)
+    if where == "in_round":
+        state.receive(conn(1), signup(1, key=OTHER_KEY), key=OTHER_KEY)
+        state.receive(conn(2), signup(2, key=OTHER_KEY), key=OTHER_KEY)
+        assert len(state.rounds) == 1
+    before_rounds, before_queue = dict(state.rounds), state.queued("s")
+    out = state.receive(conn(9), signup(0, key=OTHER_KEY), key=OTHER_KEY)
+    assert [(o.conn, o.message.code) for o in out] == [(conn(9), "id_in_use")]
+    assert state.rounds == before_rounds and state.queued("s") == before_queue
+    # The holder itself may sign up again, as before.
+    out = state.receive(conn(0), signup(0, key=KEY), key=KEY)
+    assert not messages(out, SignupRejected)
+
+
+def test_a_released_peer_id_can_be_taken_by_a_new_key():
+    state, _ = make_state(target=3)
+    state.receive(conn(0), signup(0, key=KEY), key=KEY)
+    state.receive(conn(0), Leave("s", "p0"), key=KEY)
+    out = state.receive(conn(9), signup(0, key=OTHER_KEY), key=OTHER_KEY)
+    assert messages(out, SignupAck)
+
+
 # -- Done, Abort, Leave -------------------------------------------------------------------------
 
 
