@@ -285,7 +285,11 @@ def check_values(
 
 
 def encode(
-    state_dict: Mapping[str, torch.Tensor], schema: Schema, share_of_total: float
+    state_dict: Mapping[str, torch.Tensor],
+    schema: Schema,
+    share_of_total: float,
+    *,
+    checked: bool = False,
 ) -> np.ndarray:
     """Encode ``p * x`` for every tensor in the ring, ``p = share_of_total``.
 
@@ -293,6 +297,8 @@ def encode(
         state_dict: Tensors matching ``schema`` (any device; copied to CPU one at a time).
         schema: The agreed layout.
         share_of_total: This peer's normalized weight ``weight / total_weight``, in ``(0, 1]``.
+        checked: The caller already ran :func:`check_values` on this very state dict
+            (the peer does, before its sign-up), so the values are not scanned twice.
 
     Returns:
         A fresh ``uint64`` vector of ``schema.vector_size`` elements.
@@ -302,7 +308,8 @@ def encode(
     """
     if not (0.0 < share_of_total <= 1.0) or not math.isfinite(share_of_total):
         raise EncodingError(f"normalized weight must be in (0, 1], got {share_of_total!r}")
-    check_values(state_dict, schema.frac_bits)
+    if not checked:
+        check_values(state_dict, schema.frac_bits)
     scale = share_of_total * float(2**schema.frac_bits)
     out = np.empty(schema.vector_size, dtype=np.uint64)
     signed = out.view(np.int64)

@@ -569,7 +569,8 @@ class Peer:
             me=self.peer_id,
             round_id=msg.round_id,
             tree=tree,
-            vector=encode(state_dict, schema, share),
+            # check_values() ran before the sign-up; no second pass over the model.
+            vector=encode(state_dict, schema, share, checked=True),
             finalize=lambda total: decode_total(total, schema),
             result_nbytes=schema.result_nbytes,
             random_bytes=self._random_bytes,
