@@ -263,6 +263,7 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         self.log_metrics = bool(log_metrics)
 
         self._peer: Peer | None = None
+        self._max_message_bytes: int | None = None
         # own state, saved in checkpoints (see `state_dict`)
         self.rounds_completed = 0
         self.rounds_failed = 0
@@ -360,6 +361,12 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 f" found none in {type(pl_module).__name__}."
             )
         if trainer.is_global_zero and self._peer is None:
+            from lightning_secagg.encoding import Schema
+            from lightning_secagg.peer import required_message_bytes
+
+            # The model is known now: bound the inbox's frames to what its rounds
+            # need, so a stranger cannot make this process buffer a huge frame.
+            self._max_message_bytes = required_message_bytes(Schema.of(pl_module.state_dict()))
             self._peer = self._create_peer()
             try:
                 self._peer.start()
@@ -378,6 +385,8 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         from lightning_secagg.peer import Peer
 
         kwargs: dict[str, Any] = {"session": self.session, "peer_id": self.peer_id}
+        if self._max_message_bytes is not None:
+            kwargs["max_message_bytes"] = self._max_message_bytes
         if self.scheduler_key is not None:
             kwargs["scheduler_key"] = self.scheduler_key
         if self.insecure:

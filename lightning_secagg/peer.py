@@ -94,6 +94,16 @@ MAX_EARLY_MESSAGES = 256
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 
 
+def required_message_bytes(schema: Schema) -> int:
+    """The largest frame a round of this model sends a peer, plus a margin.
+
+    A good ``max_message_bytes`` for a peer that only ever averages this model:
+    anything larger on its inbox is cut before it is buffered. The margin
+    covers a header frame and CurveZMQ's per-frame overhead.
+    """
+    return max(8 * schema.vector_size, schema.result_nbytes) + codec.MAX_PEER_HEADER_BYTES
+
+
 @dataclass(frozen=True)
 class RoundStats:
     """What one round cost this peer.
@@ -526,8 +536,7 @@ class Peer:
     def _check_inbox_limit(self, schema: Schema) -> None:
         # The inbox's limit is fixed at bind time (see start()); a model whose shares
         # would be cut by it is refused here, before sign-up, rather than timing out.
-        # The margin covers CurveZMQ's per-frame overhead.
-        need = max(8 * schema.vector_size, schema.result_nbytes) + codec.MAX_PEER_HEADER_BYTES
+        need = required_message_bytes(schema)
         if need > self.max_message_bytes:
             raise ConfigurationError(
                 f"this model's shares need frames of {need} bytes, above "

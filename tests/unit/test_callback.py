@@ -254,6 +254,36 @@ def test_real_peer_gets_scheduler_key_only_when_given(monkeypatch):
     assert seen[1] == {"session": "default", "peer_id": None, "scheduler_key": "KEY"}
 
 
+def test_real_peer_inbox_is_bounded_by_the_model(monkeypatch):
+    """In setup the model is known: the peer's inbox accepts no frame larger than
+    this model's rounds need, instead of the 1 GiB default."""
+    import lightning_secagg.peer as peer_module
+    from lightning_secagg.encoding import Schema
+
+    seen = []
+
+    class RecordingPeer:
+        def __init__(self, address, scheduler, **kwargs):
+            seen.append(kwargs)
+            self.endpoint = address
+
+        def start(self):
+            return self
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(peer_module, "Peer", RecordingPeer)
+    cb = SecureAggregationCallback(insecure=True)
+    model = BoringModel()
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, max_epochs=1)
+    cb.setup(trainer, model, "fit")
+    cb.teardown(trainer, model, "fit")
+    expected = peer_module.required_message_bytes(Schema.of(model.state_dict()))
+    assert seen[0]["max_message_bytes"] == expected
+    assert expected < peer_module.DEFAULT_MAX_MESSAGE_BYTES
+
+
 def test_no_peer_outside_fit(tmp_path):
     cb = FakeCallback()
     trainer = pl.Trainer(
