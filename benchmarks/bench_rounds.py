@@ -208,8 +208,7 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
                     str(i),
                     "--scheduler",
                     sched.address,
-                    "--key",
-                    sched.public_key,
+                    f"--key={sched.public_key}",  # a Z85 key may start with "-"
                     "--out",
                     str(outs[i]),
                 ]

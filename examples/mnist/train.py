@@ -313,7 +313,8 @@ class Launcher:
                 "--watch-stdin",
             ]
             if self.scheduler_key is not None:
-                command += ["--server-key", self.scheduler_key]
+                # "=" form: a Z85 key may start with "-", which argparse reads as an option
+                command += [f"--server-key={self.scheduler_key}"]
             if args.kill_peer == i:
                 command += ["--crash-in-round", str(args.kill_in_round)]
             flags = (

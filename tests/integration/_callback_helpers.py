@@ -116,7 +116,7 @@ def run_peers(
             ]
             args += common or []
             if scheduler_key is not None:
-                args += ["--scheduler-key", scheduler_key]
+                args += [f"--scheduler-key={scheduler_key}"]  # a Z85 key may start with "-"
             if extra is not None:
                 args += extra[i]
             log_path = tmp_path / f"{tag}{i}.log"

@@ -48,7 +48,7 @@ def _worker(address: str, key: str | None, index: int, out: Path, *extra: str) -
     cmd = [sys.executable, str(WORKER), "--scheduler", address, "--index", str(index)]
     cmd += ["--out", str(out), "--timeout", str(ATTEMPT_TIMEOUT)]
     if key is not None:
-        cmd += ["--scheduler-key", key]
+        cmd += [f"--scheduler-key={key}"]  # a Z85 key may start with "-"
     return subprocess.Popen(
         [*cmd, *extra],
         cwd=REPO,

@@ -291,8 +291,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                         str(WORKER),
                         "--scheduler",
                         address,
-                        "--scheduler-key",
-                        key,
+                        f"--scheduler-key={key}",  # a Z85 key may start with "-"
                         "--index",
                         str(i),
                         "--weight",

@@ -67,8 +67,7 @@ def run_round(
                         str(rounds),
                         "--weight",
                         str(i + 1),
-                        "--scheduler-key",
-                        key,
+                        f"--scheduler-key={key}",  # a Z85 key may start with "-"
                     ],
                     cwd=REPO,
                     env={**python_env(), "PYTHONPATH": str(REPO)},
