@@ -59,6 +59,7 @@ from lightning_secagg.messages import (
 from lightning_secagg.security import make_curve_client
 from tests.integration._peer_worker import make_state
 from tests.integration._procs import REPO, _lines, free_port, python_env, start_scheduler, stop_all
+from tests.integration._reference import assert_matches_reference
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
@@ -67,13 +68,6 @@ N_PEERS = 6
 PEER_MAX_MESSAGE = 1 << 16  # the workers' inbox limit (their model needs ~9 KiB)
 SCHEMA = Schema.of(make_state(0))
 VECTOR_SIZE = SCHEMA.vector_size
-FRAC_BITS = 32
-EPS = {
-    torch.float16: 2.0**-10,
-    torch.bfloat16: 2.0**-7,
-    torch.float32: 2.0**-23,
-    torch.float64: 2.0**-52,
-}
 POISON = 0x4141414141414141
 
 
@@ -241,29 +235,9 @@ class Cluster:
             time.sleep(0.05)
 
 
-def weighted_reference() -> dict[str, torch.Tensor]:
-    states = [make_state(i) for i in range(N_PEERS)]
-    weights = torch.tensor([float(i + 1) for i in range(N_PEERS)], dtype=torch.float64)
-    weights /= weights.sum()
-    return {
-        name: sum(w * s[name].double() for w, s in zip(weights, states, strict=True))
-        for name in states[0]
-    }
-
-
 def assert_exact(values: dict[str, list]) -> None:
     """The decoded result equals the weighted mean up to fixed point and dtype rounding."""
-    state = make_state(0)
-    for name, expected in weighted_reference().items():
-        dtype = state[name].dtype
-        got = torch.tensor(values[name], dtype=torch.float64).reshape(expected.shape)
-        if dtype.is_floating_point:
-            tol = N_PEERS * 2.0**-FRAC_BITS + expected.abs() * EPS[dtype] + 1e-300
-            assert torch.all((got - expected).abs() <= tol), name
-        elif dtype == torch.bool:
-            assert torch.equal(got.bool(), expected >= 0.5), name
-        else:
-            assert torch.equal(got, torch.round(expected)), name
+    assert_matches_reference(values, N_PEERS)
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.integration._peer_worker import make_state
 from tests.integration._procs import REPO, free_port, python_env, start_scheduler, stop_all
+from tests.integration._reference import assert_matches_reference
 
 pytestmark = pytest.mark.integration
 
 WORKER = Path(__file__).with_name("_peer_worker.py")
-FRAC_BITS = 32
-EPS = {
-    torch.float16: 2.0**-10,
-    torch.bfloat16: 2.0**-7,
-    torch.float32: 2.0**-23,
-    torch.float64: 2.0**-52,
-}
 
 
 def run_round(
@@ -80,38 +73,18 @@ def run_round(
         stop_all(procs)
 
 
-def weighted_reference(n: int, scale: float) -> dict[str, torch.Tensor]:
-    states = [make_state(i, scale) for i in range(n)]
-    weights = torch.tensor([float(i + 1) for i in range(n)], dtype=torch.float64)
-    weights /= weights.sum()
-    return {
-        name: sum(w * s[name].double() for w, s in zip(weights, states, strict=True))
-        for name in states[0]
-    }
-
-
 def check_results(results: list[list[dict]], n: int, rounds: int) -> None:
     for r in range(rounds):
         per_peer = [peer[r] for peer in results]
         digests = {rec["digest"] for rec in per_peer}
         assert len(digests) == 1, "peers' results are not bitwise identical"
         assert len({rec["stats"]["round_id"] for rec in per_peer}) == 1
-        ref = weighted_reference(n, 1.0 + r)
-        state = make_state(0)
         rec = per_peer[0]
-        for name, expected in ref.items():
-            dtype = state[name].dtype
-            assert rec["dtypes"][name] == str(dtype)
-            assert rec["shapes"][name] == list(state[name].shape)
-            got = torch.tensor(rec["values"][name], dtype=torch.float64).reshape(expected.shape)
-            if dtype.is_floating_point:
-                # fixed point: at most n half-units of 2**-f; then rounding to the dtype
-                tol = n * 2.0**-FRAC_BITS + expected.abs() * EPS[dtype] + 1e-300
-                assert torch.all((got - expected).abs() <= tol), name
-            elif dtype == torch.bool:
-                assert torch.equal(got.bool(), expected >= 0.5), name
-            else:
-                assert torch.equal(got, torch.round(expected)), name
+        state = make_state(0)
+        for name, t in state.items():
+            assert rec["dtypes"][name] == str(t.dtype)
+            assert rec["shapes"][name] == list(t.shape)
+        assert_matches_reference(rec["values"], n, 1.0 + r)
 
 
 @pytest.mark.parametrize(
