@@ -99,6 +99,13 @@ def gloo_worker(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps({"records": records, "nbytes": flat.numel() * 4}))
 
 
+PROFILE = None
+if os.environ.get("BENCH_PROFILE"):  # a directory: one cProfile dump per peer, rounds only
+    import cProfile
+
+    PROFILE = cProfile.Profile()
+
+
 def secagg_worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -108,27 +115,37 @@ def secagg_worker(args: argparse.Namespace) -> None:
     state = build_state(args.model)
     records = []
     with Peer(
-        "tcp://127.0.0.1:0", args.scheduler, peer_id=f"p{args.rank}", scheduler_key=args.key
+        "tcp://127.0.0.1:0",
+        args.scheduler,
+        peer_id=f"p{args.rank}",
+        scheduler_key=None if args.insecure else args.key,
+        insecure=args.insecure,
     ) as peer:
         rest = 0
         for r in range(args.warmup + args.rounds):
             if r == args.warmup:
                 rest = reset_peak_rss()  # resting footprint, pools warmed up
-            start = time.time()
+                if PROFILE:
+                    PROFILE.enable()
+            start, cpu0 = time.time(), time.process_time()
             peer.aggregate(state, timeout=600)
-            end = time.time()
+            end, cpu = time.time(), time.process_time() - cpu0
             if r >= args.warmup:
                 s = peer.last_stats
                 records.append(
                     {
                         "start": start,
                         "end": end,
+                        "cpu": cpu,
                         "sent": s.bytes_sent,
                         "received": s.bytes_received,
                         "roles": list(s.roles),
                     }
                 )
         peak = peak_rss() - rest
+    if PROFILE:
+        PROFILE.disable()
+        PROFILE.dump_stats(f"{os.environ['BENCH_PROFILE']}/p{args.rank}.prof")
     Path(args.out).write_text(json.dumps({"records": records, "peak_extra": peak}))
 
 
@@ -197,7 +214,7 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
     from lightning_secagg import Scheduler
 
     outs = [tmp / f"secagg-{n}-{i}.json" for i in range(n)]
-    with Scheduler(port=0, target_size=n, round_timeout=600) as sched:
+    with Scheduler(port=0, target_size=n, round_timeout=600, insecure=args.insecure) as sched:
         run_procs(
             [
                 [
@@ -209,6 +226,7 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
                     "--scheduler",
                     sched.address,
                     f"--key={sched.public_key}",  # a Z85 key may start with "-"
+                    *(["--insecure"] if args.insecure else []),
                     "--out",
                     str(outs[i]),
                 ]
@@ -227,9 +245,11 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
         return "actor" if any(x.startswith("actor@") for x in roles) else "leaf"
 
     by_role: dict[str, list[int]] = {}
+    cpu_by_role: dict[str, list[float]] = {}
     for p in sec:
         for rec in p["records"]:
             by_role.setdefault(role_of(rec), []).append(rec["sent"] + rec["received"])
+            cpu_by_role.setdefault(role_of(rec), []).append(rec["cpu"])
     return {
         "n": n,
         "model": args.model,
@@ -237,6 +257,10 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
         "gloo": g,
         "secagg": s,
         "bytes": {k: max(v) for k, v in by_role.items()},
+        "cpu": {k: statistics.median(v) for k, v in cpu_by_role.items()},
+        "cpu_total": statistics.median(
+            sum(p["records"][r]["cpu"] for p in sec) for r in range(len(s))
+        ),
         "peak_extra": max(p["peak_extra"] for p in sec),
     }
 
@@ -262,6 +286,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext links (no CURVE): only to measure what encryption costs",
+    )
     # worker-only arguments
     parser.add_argument("--rank", type=int)
     parser.add_argument("--world", type=int)

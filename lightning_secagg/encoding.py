@@ -21,6 +21,18 @@ resolution of ``2**-32`` (2.3e-10) per peer.
 Every peer decodes the same ring total with the same code, so results are
 bitwise identical everywhere; in fact only the root actors decode, and the
 decoded bytes travel down the tree.
+
+The compact ring Z_2^32 (:class:`RingPlan`): half the bytes of every share,
+partial sum and keystream. It is used only when it is safe, decided per round
+from the *magnitude exponents* every peer declares at sign-up (``e`` with
+``max|x| < 2**e`` per tensor; the scheduler relays the largest of each).
+Tensor ``t`` gets its own fraction bits ``f_t = 30 - e_t``, so its weighted
+sum stays below ``2**30`` plus the peers' rounding, far from ``2**31``, and its
+resolution is ``2**-30`` of the largest magnitude any peer holds: a finer
+step than float32's own at that magnitude while ``N <= 64``. Float64 tensors,
+more than 64 peers, or integers too large for an exact mean keep the 64-bit
+ring (:func:`compact_ring_allowed`); so does a peer that prefers not to
+declare its exponents.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +58,19 @@ DEFAULT_FRAC_BITS = 32
 ENCODE_CHUNK = 1 << 16
 #: Headroom kept below the ring's signed range: sums stay below 2**SUM_BITS.
 SUM_BITS = 62
+#: The compact ring's sums of normalized values stay below 2**COMPACT_SUM_BITS
+#: (plus at most N/2 units of rounding), a factor two inside int32.
+COMPACT_SUM_BITS = 30
+#: Most peers for which the compact ring's rounding stays below half a float32
+#: ulp of the largest magnitude: N * 2**-31 <= 2**-25.
+COMPACT_MAX_PEERS = 64
+#: Integer tensors need a mean accurate to 2**-INT_GUARD_BITS of a unit in the
+#: compact ring (so rounding to the nearest integer is exact).
+INT_GUARD_BITS = 10
+#: Declared magnitude exponents are clamped to this range (an all-zero tensor declares the minimum).
+MIN_EXPONENT, MAX_EXPONENT = -64, 64
+RING_DTYPES = {32: np.dtype("<u4"), 64: np.dtype("<u8")}
+_SIGNED = {32: np.dtype("<i4"), 64: np.dtype("<i8")}
 
 _FLOAT_DTYPES = {
     torch.float16: "float16",
@@ -61,6 +86,7 @@ _INT_DTYPES = {
     torch.int64: "int64",
     torch.bool: "bool",
 }
+_FLOAT_NAMES = frozenset(_FLOAT_DTYPES.values())
 _DTYPE_BY_NAME = {name: dt for dt, name in {**_FLOAT_DTYPES, **_INT_DTYPES}.items()}
 
 
@@ -248,40 +274,152 @@ def value_limit(frac_bits: int) -> float:
     return float(2 ** (SUM_BITS - frac_bits))
 
 
-def check_values(
+def magnitude_exponents(
     state_dict: Mapping[str, torch.Tensor], frac_bits: int = DEFAULT_FRAC_BITS
-) -> None:
-    """Refuse NaN, Inf and values whose fixed-point sum could overflow the ring.
+) -> list[int]:
+    """Check every value and return each tensor's magnitude exponent.
 
-    Runs before sign-up so that a bad model never enters a round.
+    The exponent ``e`` of a tensor is the smallest integer with ``max|x| < 2**e``
+    (clamped to ``[MIN_EXPONENT, MAX_EXPONENT]``; bool tensors declare 1). One
+    read of each tensor (``aminmax``), no temporary of the model's size: NaN and
+    Inf show up in the extremes, and only then is the tensor scanned again to
+    name the culprit. Runs before sign-up so that a bad model never enters a round.
 
     Raises:
-        EncodingError: naming the tensor and the offending value.
+        EncodingError: NaN or Inf, or a value that could overflow the 64-bit ring
+            (``|x| >= 2**(62 - frac_bits)``), naming the tensor and the value.
     """
     limit = value_limit(frac_bits)
+    exponents = []
     for name, t in state_dict.items():
-        if t.numel() == 0 or t.dtype == torch.bool:
+        if t.numel() == 0:
+            exponents.append(MIN_EXPONENT)
+            continue
+        if t.dtype == torch.bool:
+            exponents.append(1)
             continue
         x = t.detach()
+        lo, hi = torch.aminmax(x.reshape(-1))
         if x.is_floating_point():
-            finite = torch.isfinite(x)
-            if not bool(finite.all()):
+            lo_f, hi_f = float(lo.item()), float(hi.item())
+            if not (math.isfinite(lo_f) and math.isfinite(hi_f)):
+                finite = torch.isfinite(x)
                 bad = x[~finite].flatten()[0].item()
                 raise EncodingError(
                     f"state_dict[{name!r}] contains {bad} "
                     f"({int((~finite).sum())} non-finite values); "
                     "refusing to aggregate non-finite weights"
                 )
-            peak = float(x.abs().max().item())
+            peak = max(abs(lo_f), abs(hi_f))
         else:
             # abs() of the most negative integer wraps; compare the extremes as Python ints.
-            peak = float(max(abs(int(x.min().item())), abs(int(x.max().item()))))
+            peak_int = max(abs(int(lo.item())), abs(int(hi.item())))
+            peak = float(peak_int)
         if peak >= limit:
             raise EncodingError(
                 f"state_dict[{name!r}] holds a value of magnitude {peak:g}, which could "
                 f"overflow the ring: values must stay below 2**{SUM_BITS - frac_bits} = {limit:g} "
                 f"with frac_bits={frac_bits} (lower frac_bits to allow larger values)"
             )
+        # frexp: peak = m * 2**e with 0.5 <= m < 1, so peak < 2**e (and 0 for peak == 0).
+        exponent = math.frexp(peak)[1] if peak > 0 else MIN_EXPONENT
+        exponents.append(min(max(exponent, MIN_EXPONENT), MAX_EXPONENT))
+    return exponents
+
+
+def check_values(
+    state_dict: Mapping[str, torch.Tensor], frac_bits: int = DEFAULT_FRAC_BITS
+) -> None:
+    """Refuse NaN, Inf and values whose fixed-point sum could overflow the ring.
+
+    Raises:
+        EncodingError: naming the tensor and the offending value.
+    """
+    magnitude_exponents(state_dict, frac_bits)
+
+
+def compact_ring_allowed(
+    schema: Schema, exponents: Sequence[int] | None, num_peers: int
+) -> str | None:
+    """Why the compact ring Z_2^32 would be unsafe for this round, or None when it is safe.
+
+    Args:
+        schema: The model's layout.
+        exponents: The largest declared magnitude exponent of each tensor over
+            the round's members (None: some member declared none).
+        num_peers: Members of the round.
+    """
+    if exponents is None:
+        return "a member asked for the 64-bit ring (declared no magnitudes)"
+    if len(exponents) != len(schema.tensors):
+        return f"{len(exponents)} exponents for {len(schema.tensors)} tensors"
+    if num_peers > COMPACT_MAX_PEERS:
+        return f"{num_peers} peers: the compact ring is exact enough only up to {COMPACT_MAX_PEERS}"
+    peers_bits = max(0, (num_peers - 1).bit_length())
+    for spec, e in zip(schema.tensors, exponents, strict=True):
+        if spec.dtype == "float64":
+            return f"{spec.name!r} is float64, finer than the compact ring"
+        if (
+            spec.dtype not in _FLOAT_NAMES
+            and spec.dtype != "bool"
+            and (e + peers_bits + INT_GUARD_BITS > COMPACT_SUM_BITS + 1)
+        ):
+            return f"integer tensor {spec.name!r} holds values up to 2**{e}, too large"
+    return None
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    """How one round encodes: the ring's width and each tensor's fraction bits.
+
+    Every member derives the same plan from the assignment (ring width and the
+    relayed exponents) and its schema, so all vectors of a round add up.
+
+    Attributes:
+        ring_bits: 32 or 64.
+        frac_bits: Fraction bits of each tensor, in schema order.
+        count_frac_bits: Fraction bits of the count slot.
+    """
+
+    ring_bits: int
+    frac_bits: tuple[int, ...]
+    count_frac_bits: int
+
+    @classmethod
+    def wide(cls, schema: Schema) -> RingPlan:
+        """The 64-bit ring with the schema's fraction bits everywhere (always safe)."""
+        f = schema.frac_bits
+        return cls(64, (f,) * len(schema.tensors), f)
+
+    @classmethod
+    def compact(cls, schema: Schema, exponents: Sequence[int]) -> RingPlan:
+        """The 32-bit ring, each tensor scaled to its largest declared magnitude.
+
+        Raises:
+            EncodingError: :func:`compact_ring_allowed` would refuse it (checked
+                by the caller with the round's size).
+        """
+        if len(exponents) != len(schema.tensors):
+            raise EncodingError(f"{len(exponents)} exponents for {len(schema.tensors)} tensors")
+        return cls(
+            32,
+            tuple(COMPACT_SUM_BITS - int(e) for e in exponents),
+            COMPACT_SUM_BITS,
+        )
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The ring's unsigned element type (little-endian)."""
+        return RING_DTYPES[self.ring_bits]
+
+    @property
+    def signed_dtype(self) -> np.dtype:
+        """The same elements read as two's complement integers."""
+        return _SIGNED[self.ring_bits]
+
+    def vector_nbytes(self, schema: Schema) -> int:
+        """Bytes of one encoded vector (a dense share, a partial sum)."""
+        return schema.vector_size * self.dtype.itemsize
 
 
 def encode(
@@ -290,6 +428,7 @@ def encode(
     share_of_total: float,
     *,
     checked: bool = False,
+    plan: RingPlan | None = None,
 ) -> np.ndarray:
     """Encode ``p * x`` for every tensor in the ring, ``p = share_of_total``.
 
@@ -299,9 +438,11 @@ def encode(
         share_of_total: This peer's normalized weight ``weight / total_weight``, in ``(0, 1]``.
         checked: The caller already ran :func:`check_values` on this very state dict
             (the peer does, before its sign-up), so the values are not scanned twice.
+        plan: The round's ring and fraction bits (default: the 64-bit ring,
+            :meth:`RingPlan.wide`).
 
     Returns:
-        A fresh ``uint64`` vector of ``schema.vector_size`` elements.
+        A fresh vector of ``schema.vector_size`` ring elements (``plan.dtype``).
 
     Raises:
         EncodingError: non-finite or too large values, or a bad weight.
@@ -310,12 +451,16 @@ def encode(
         raise EncodingError(f"normalized weight must be in (0, 1], got {share_of_total!r}")
     if not checked:
         check_values(state_dict, schema.frac_bits)
-    scale = share_of_total * float(2**schema.frac_bits)
-    out = np.empty(schema.vector_size, dtype=np.uint64)
-    signed = out.view(np.int64)
-    signed[0] = round(scale)
+    plan = plan or RingPlan.wide(schema)
+    if len(plan.frac_bits) != len(schema.tensors):
+        raise EncodingError("the ring plan does not match the schema")
+    out = np.empty(schema.vector_size, dtype=plan.dtype)
+    signed = out.view(plan.signed_dtype)
+    signed[0] = round(share_of_total * math.ldexp(1.0, plan.count_frac_bits))
     pos = 1
-    for spec in schema.tensors:
+    for spec, f in zip(schema.tensors, plan.frac_bits, strict=True):
+        # A power of two times p: exact, so each tensor's scaling rounds only once.
+        scale = share_of_total * math.ldexp(1.0, f)
         x = state_dict[spec.name].detach()
         if x.device.type != "cpu":
             x = x.cpu()
@@ -329,7 +474,7 @@ def encode(
     return out
 
 
-def decode_total(total: np.ndarray, schema: Schema) -> np.ndarray:
+def decode_total(total: np.ndarray, schema: Schema, plan: RingPlan | None = None) -> np.ndarray:
     """Turn the ring total into the averaged tensors' bytes, each in its own dtype.
 
     Floating tensors get ``S / C`` rounded to their dtype; integer tensors get it
@@ -339,7 +484,13 @@ def decode_total(total: np.ndarray, schema: Schema) -> np.ndarray:
     Raises:
         InvalidTotalError: the summed count slot is not positive (a wrong share or partial sum).
     """
-    signed = total.view(np.int64)
+    plan = plan or RingPlan.wide(schema)
+    if total.dtype != plan.dtype or total.size != schema.vector_size:
+        raise InvalidTotalError(
+            f"the ring total has {total.size} {total.dtype} elements, expected "
+            f"{schema.vector_size} {plan.dtype}"
+        )
+    signed = total.view(plan.signed_dtype)
     count = float(signed[0])
     if count <= 0:
         raise InvalidTotalError(
@@ -347,20 +498,24 @@ def decode_total(total: np.ndarray, schema: Schema) -> np.ndarray:
         )
     out = np.zeros(schema.result_nbytes, dtype=np.uint8)
     src = 1
-    for spec, dst in zip(schema.tensors, schema.result_offsets, strict=True):
+    for spec, dst, f in zip(schema.tensors, schema.result_offsets, plan.frac_bits, strict=True):
         if spec.numel == 0:
             # Nothing to write, and torch refuses to view an empty tensor as bytes
             # (its last stride is 0), so a zero-element entry is skipped outright.
             continue
-        mean = torch.from_numpy(signed[src : src + spec.numel].astype(np.float64) / count)
+        mean = signed[src : src + spec.numel].astype(np.float64)
+        mean /= count
+        if f != plan.count_frac_bits:
+            mean *= math.ldexp(1.0, plan.count_frac_bits - f)  # a power of two: exact
+        value_f64 = torch.from_numpy(mean)
         dtype = spec.torch_dtype
         if dtype.is_floating_point:
-            value = mean.to(dtype)
+            value = value_f64.to(dtype)
         elif dtype == torch.bool:
-            value = mean >= 0.5
+            value = value_f64 >= 0.5
         else:
             info = torch.iinfo(dtype)
-            value = torch.round(mean).clamp_(info.min, info.max).to(dtype)
+            value = torch.round(value_f64).clamp_(info.min, info.max).to(dtype)
         raw = value.reshape(-1).view(torch.uint8).numpy()
         out[dst : dst + spec.nbytes] = raw
         src += spec.numel

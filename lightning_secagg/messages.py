@@ -179,12 +179,14 @@ class Message:
     """Base of all messages: ``TYPE`` names it on the wire, ``PAYLOAD`` says if it carries a buffer.
 
     ``PAYLOAD`` is ``None`` (no buffer), ``"optional"`` or ``"required"``;
-    ``PAYLOAD_DTYPE`` is how the buffer is viewed on arrival.
+    ``PAYLOAD_DTYPE`` is how the buffer is viewed on arrival: raw bytes, since
+    what they hold (ring elements of 4 or 8 bytes, a result's tensors) depends
+    on the round, whose state machine checks the size and views them.
     """
 
     TYPE: ClassVar[str] = ""
     PAYLOAD: ClassVar[str | None] = None
-    PAYLOAD_DTYPE: ClassVar[str] = "<u8"
+    PAYLOAD_DTYPE: ClassVar[str] = "u1"
     FIELDS: ClassVar[dict[str, Validator]] = {}
 
     def header(self) -> dict[str, Any]:
@@ -431,7 +433,6 @@ class Result(Message):
 
     TYPE: ClassVar[str] = "result"
     PAYLOAD: ClassVar[str | None] = "required"
-    PAYLOAD_DTYPE: ClassVar[str] = "u1"
     FIELDS: ClassVar[dict[str, Validator]] = {"round_id": ident, "sender": ident}
 
 

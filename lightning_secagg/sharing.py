@@ -1,6 +1,7 @@
-"""Additive secret shares in Z_2^64, with seed-compressed random shares.
+"""Additive secret shares in Z_2^64 or Z_2^32, with seed-compressed random shares.
 
-A vector ``x`` is split into ``k`` shares that add up to ``x`` modulo 2**64:
+A vector ``x`` is split into ``k`` shares that add up to ``x`` modulo 2**64
+(or 2**32: the ring is the vector's unsigned dtype):
 ``k - 1`` of them are pure randomness, the last one is ``x`` minus their sum.
 Any ``k - 1`` shares together are uniformly random and say nothing about
 ``x``. The random shares need not travel as vectors: each is the keystream of
@@ -34,19 +35,27 @@ def system_random_bytes(n: int) -> bytes:
     return os.urandom(n)
 
 
-#: Keystream is produced in chunks of this many words, so expanding a seed for a
+#: Keystream is produced in chunks of this many bytes, so expanding a seed for a
 #: model of any size needs 1 MiB of scratch, not a second copy of the model.
-CHUNK_WORDS = 1 << 17
+CHUNK_BYTES = 1 << 20
+RING_DTYPES = (np.dtype(np.uint32), np.dtype(np.uint64))
 
 
-def _keystream(seed: bytes, size: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(offset, words)`` chunks of the stream named by ``seed``; ``words`` is reused."""
+def _keystream(seed: bytes, size: int, dtype: np.dtype) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(offset, words)`` chunks of the stream named by ``seed``; ``words`` is reused.
+
+    The stream is a byte string; ring elements are its consecutive little-endian
+    words of ``dtype``'s width, so one seed names one vector per ring.
+    """
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a share seed has {SEED_BYTES} bytes, got {len(seed)}")
+    if dtype not in RING_DTYPES:
+        raise ValueError(f"shares live in uint32 or uint64 rings, not {dtype}")
+    chunk_words = CHUNK_BYTES // dtype.itemsize
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_NONCE)).encryptor()
-    buf = np.empty(min(size, CHUNK_WORDS), dtype=np.uint64)
-    for start in range(0, size, CHUNK_WORDS):
-        words = buf[: min(CHUNK_WORDS, size - start)]
+    buf = np.empty(min(size, chunk_words), dtype=dtype)
+    for start in range(0, size, chunk_words):
+        words = buf[: min(chunk_words, size - start)]
         words.fill(0)
         view = memoryview(words).cast("B")
         encryptor.update_into(view, view)  # keystream XOR zeros, written in place
@@ -56,7 +65,7 @@ def _keystream(seed: bytes, size: int) -> Iterator[tuple[int, np.ndarray]]:
 
 
 def add_expanded_seed(seed: bytes, acc: np.ndarray) -> None:
-    """Add the pseudo-random vector named by ``seed`` into ``acc`` (mod 2**64), in place.
+    """Add the pseudo-random vector named by ``seed`` into ``acc`` (mod the ring), in place.
 
     Raises:
         ValueError: the seed is not 32 bytes.
@@ -65,7 +74,7 @@ def add_expanded_seed(seed: bytes, acc: np.ndarray) -> None:
 
 
 def subtract_expanded_seed(seed: bytes, acc: np.ndarray) -> None:
-    """Subtract the pseudo-random vector named by ``seed`` from ``acc`` (mod 2**64), in place.
+    """Subtract the pseudo-random vector named by ``seed`` from ``acc`` (mod the ring), in place.
 
     Raises:
         ValueError: the seed is not 32 bytes.
@@ -74,18 +83,18 @@ def subtract_expanded_seed(seed: bytes, acc: np.ndarray) -> None:
 
 
 def _apply_keystream(seed: bytes, acc: np.ndarray, op: np.ufunc) -> None:
-    for start, words in _keystream(seed, acc.size):
+    for start, words in _keystream(seed, acc.size, acc.dtype):
         chunk = acc[start : start + words.size]
         op(chunk, words, out=chunk)
 
 
-def expand_seed(seed: bytes, size: int) -> np.ndarray:
-    """The ``uint64`` vector of ``size`` elements that ``seed`` stands for.
+def expand_seed(seed: bytes, size: int, dtype: np.dtype | type = np.uint64) -> np.ndarray:
+    """The vector of ``size`` ring elements (``uint64`` or ``uint32``) that ``seed`` stands for.
 
     Raises:
-        ValueError: the seed is not 32 bytes.
+        ValueError: the seed is not 32 bytes, or not a ring dtype.
     """
-    out = np.zeros(size, dtype=np.uint64)
+    out = np.zeros(size, dtype=dtype)
     add_expanded_seed(seed, out)
     return out
 

@@ -78,7 +78,8 @@ class PeerRound:
         me: This peer's id.
         round_id: The round's id; messages of other rounds are refused.
         tree: The round's tree, as assigned by the scheduler.
-        vector: This peer's encoded ``uint64`` vector; consumed (shares are made in place).
+        vector: This peer's encoded vector (``uint64`` or ``uint32``: the round's
+            ring); consumed (shares are made in place).
         finalize: Turns the ring total into the result buffer; only root actors call it.
         result_nbytes: Size every result buffer must have.
         random_bytes: Randomness for seeds and for picking the actor that gets the dense share.
@@ -96,12 +97,13 @@ class PeerRound:
     ) -> None:
         if tree.group_of(me, 0) is None:
             raise LocalProtocolError(f"{me} is not a member of round {round_id}")
-        if vector.dtype != np.uint64 or vector.ndim != 1:
-            raise LocalProtocolError("the encoded vector must be a 1-d uint64 array")
+        if vector.dtype not in (np.dtype("<u8"), np.dtype("<u4")) or vector.ndim != 1:
+            raise LocalProtocolError("the encoded vector must be a 1-d uint64 or uint32 array")
         self.me = me
         self.round_id = round_id
         self.tree = tree
         self.size = vector.size
+        self.dtype = vector.dtype
         self.result_nbytes = result_nbytes
         self._vector: np.ndarray | None = vector
         self._finalize = finalize
@@ -258,14 +260,12 @@ class PeerRound:
             raise RemoteProtocolError(f"{sender} is not expected to send {acc.label}")
         if sender in acc.received:
             raise RemoteProtocolError(f"duplicate {acc.label} from {sender}")
-        if payload is not None and payload.size != self.size:
-            raise RemoteProtocolError(
-                f"{acc.label} from {sender} has {payload.size} elements, expected {self.size}"
-            )
+        if payload is not None:
+            payload = self._ring_elements(payload, f"{acc.label} from {sender}")
         if payload is None and seed is None:
             raise RemoteProtocolError(f"{acc.label} from {sender} is empty")
         if acc.total is None:
-            acc.total = np.zeros(self.size, dtype=np.uint64)
+            acc.total = np.zeros(self.size, dtype=self.dtype)
         if payload is not None:
             np.add(acc.total, payload, out=acc.total)
         else:
@@ -279,6 +279,21 @@ class PeerRound:
         if key[0] == self.tree.depth - 1:
             return self._root_exchange(total)
         return self._participate(key[0] + 1, total)
+
+    def _ring_elements(self, payload: np.ndarray, what: str) -> np.ndarray:
+        """View a payload (raw bytes off the wire, or a vector in memory) as ring elements."""
+        if payload.dtype != self.dtype:
+            if payload.dtype != np.uint8 or payload.ndim != 1:
+                raise RemoteProtocolError(f"{what} has dtype {payload.dtype}")
+            if payload.nbytes != self.size * self.dtype.itemsize:
+                raise RemoteProtocolError(
+                    f"{what} has {payload.nbytes} bytes, expected "
+                    f"{self.size} elements of {self.dtype.itemsize} bytes"
+                )
+            return payload.view(self.dtype)
+        if payload.size != self.size:
+            raise RemoteProtocolError(f"{what} has {payload.size} elements, expected {self.size}")
+        return payload
 
     def _root_exchange(self, partial: np.ndarray) -> list[Send]:
         out = [

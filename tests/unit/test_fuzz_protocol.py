@@ -106,10 +106,10 @@ def plausible(p: PeerRound, msg: Message) -> bool:
         return False
     if isinstance(msg, Share):
         acc = p._accs.get((msg.level, msg.group))
-        ok_size = msg.payload is None or msg.payload.size == p.size
+        ok_size = msg.payload is None or msg.payload.nbytes == p.size * p.dtype.itemsize
     elif isinstance(msg, Partial):
         acc = p._accs.get((ROOT, 0)) if msg.sender != p.me else None
-        ok_size = msg.payload is not None and msg.payload.size == p.size
+        ok_size = msg.payload is not None and msg.payload.nbytes == p.size * p.dtype.itemsize
     elif isinstance(msg, Result):
         return (
             msg.sender == p.result_from

@@ -15,7 +15,7 @@ from hypothesis.extra import numpy as hnp
 
 from lightning_secagg import sharing
 from lightning_secagg.sharing import (
-    CHUNK_WORDS,
+    CHUNK_BYTES,
     SEED_BYTES,
     add_expanded_seed,
     expand_seed,
@@ -112,16 +112,42 @@ def test_expansion_is_aes_ctr_little_endian_words():
     ]
 
 
-def test_expansion_across_chunk_boundaries():
+@pytest.mark.parametrize("dtype", [np.uint64, np.uint32])
+def test_expansion_across_chunk_boundaries(dtype):
     seed = bytes(32)
-    size = CHUNK_WORDS + 3
-    long = expand_seed(seed, size)
-    assert long.size == size
-    assert np.array_equal(long[:CHUNK_WORDS], expand_seed(seed, CHUNK_WORDS))
-    acc = np.zeros(size, dtype=np.uint64)
+    chunk = CHUNK_BYTES // np.dtype(dtype).itemsize
+    size = chunk + 3
+    long = expand_seed(seed, size, dtype)
+    assert long.size == size and long.dtype == dtype
+    assert np.array_equal(long[:chunk], expand_seed(seed, chunk, dtype))
+    acc = np.zeros(size, dtype=dtype)
     add_expanded_seed(seed, acc)
     subtract_expanded_seed(seed, acc)
     assert not acc.any()
+
+
+def test_one_seed_names_the_same_bytes_in_both_rings():
+    """A 32-bit expansion is the same keystream read as narrower little-endian words."""
+    seed = bytes(range(32))
+    wide = expand_seed(seed, 10)
+    narrow = expand_seed(seed, 20, np.uint32)
+    assert wide.tobytes() == narrow.tobytes()
+
+
+def test_split_in_the_compact_ring_wraps_modulo_2_32():
+    vector = np.array([0, 1, 2**32 - 1, 2**31], dtype=np.uint32)
+    original = vector.copy()
+    shares = split(vector, 3, os.urandom)
+    assert shares.dense.dtype == np.uint32
+    total = shares.dense.copy()
+    for seed in shares.seeds:
+        add_expanded_seed(seed, total)
+    assert np.array_equal(total, original)
+
+
+def test_refuses_a_non_ring_dtype():
+    with pytest.raises(ValueError, match="uint32 or uint64"):
+        add_expanded_seed(bytes(32), np.zeros(4, dtype=np.int64))
 
 
 def test_add_and_subtract_are_inverse_and_wrap():
