@@ -123,6 +123,25 @@ def optional_seed(value: Any) -> bytes | None:
     return value
 
 
+def optional_exponents(value: Any) -> list[int] | None:
+    """Per-tensor magnitude exponents (``max|x| < 2**e``), or None (no compact ring)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_SCHEMA_ENTRIES:
+        raise HeaderError("exponents must be a non-empty list or None")
+    for e in value:
+        if not isinstance(e, int) or isinstance(e, bool) or not -64 <= e <= 64:
+            raise HeaderError(f"exponents must be integers in [-64, 64], got {e!r:.20}")
+    return value
+
+
+def ring_width(value: Any) -> int:
+    """The round's ring: 32 or 64 bits."""
+    if type(value) is not int or value not in (32, 64):
+        raise HeaderError(f"ring_bits must be 32 or 64, got {value!r:.20}")
+    return value
+
+
 def schema_entries(value: Any) -> list[list[Any]]:
     """``[[name, [dims...], dtype], ...]``; deeper checks happen in ``Schema.from_wire``."""
     if not isinstance(value, list) or not 0 < len(value) <= MAX_SCHEMA_ENTRIES:
@@ -224,7 +243,9 @@ class Signup(Message):
     """A peer joins a session's waiting queue with its model's layout, weight and CURVE key.
 
     The scheduler accepts ``public_key`` only if it is the key of the
-    connection the sign-up arrived on.
+    connection the sign-up arrived on. ``exponents`` (one per tensor, or None
+    for a peer that keeps to the 64-bit ring) let the scheduler pick the
+    compact ring when it is safe.
     """
 
     session: str
@@ -234,6 +255,7 @@ class Signup(Message):
     weight: float
     frac_bits: int
     schema: list[list[Any]]
+    exponents: list[int] | None = None
 
     TYPE: ClassVar[str] = "signup"
     FIELDS: ClassVar[dict[str, Validator]] = {
@@ -244,6 +266,7 @@ class Signup(Message):
         "weight": real(0.0, 1e15, open_lo=True),
         "frac_bits": integer(8, 52),
         "schema": schema_entries,
+        "exponents": optional_exponents,
     }
 
 
@@ -288,7 +311,11 @@ class SignupRejected(Message):
 
 @dataclass(frozen=True)
 class Assignment(Message):
-    """A round formed: who is in it, where they listen, their keys, the tree, and the deadline."""
+    """A round formed: who is in it, where they listen, their keys, the tree, and the deadline.
+
+    ``ring_bits`` is the round's ring; with 32, ``exponents`` holds the largest
+    magnitude exponent of each tensor over the members (None with 64).
+    """
 
     session: str
     round_id: str
@@ -298,6 +325,8 @@ class Assignment(Message):
     num_actors: int
     total_weight: float
     deadline_s: float
+    ring_bits: int = 64
+    exponents: list[int] | None = None
 
     TYPE: ClassVar[str] = "assignment"
     FIELDS: ClassVar[dict[str, Validator]] = {
@@ -309,6 +338,8 @@ class Assignment(Message):
         "num_actors": integer(2, MAX_MEMBERS),
         "total_weight": real(0.0, 1e20, open_lo=True),
         "deadline_s": real(0.0, 86400.0, open_lo=True),
+        "ring_bits": ring_width,
+        "exponents": optional_exponents,
     }
 
 

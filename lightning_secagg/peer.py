@@ -31,11 +31,13 @@ from lightning_secagg import codec
 from lightning_secagg.deadlines import describe_phase, phase_deadline
 from lightning_secagg.encoding import (
     DEFAULT_FRAC_BITS,
+    RingPlan,
     Schema,
-    check_values,
+    compact_ring_allowed,
     decode_result,
     decode_total,
     encode,
+    magnitude_exponents,
 )
 from lightning_secagg.errors import (
     ConfigurationError,
@@ -166,7 +168,13 @@ class Peer:
         peer_id: Unique name in the session (random by default).
         advertise: The address other peers connect to, when ``address`` binds
             a wildcard host such as ``0.0.0.0``.
-        frac_bits: Fixed-point fraction bits; all peers of a session must agree.
+        frac_bits: Fixed-point fraction bits of the 64-bit ring; all peers of a
+            session must agree.
+        ring: ``"auto"`` (default): declare each tensor's magnitude exponent
+            (``max|x| < 2**e``) at sign-up, so that the scheduler can pick the
+            compact 32-bit ring when it is safe (half the bytes; see
+            ``docs/numerics.md``). ``"64"``: declare nothing and always use the
+            64-bit ring, whose precision does not depend on the others' values.
         linger: Seconds :meth:`stop` lets queued messages leave.
         max_message_bytes: Largest frame the inbox accepts; ZeroMQ cuts the
             connection of anyone who sends more, before allocating it. Must hold
@@ -196,6 +204,7 @@ class Peer:
         peer_id: str | None = None,
         advertise: str | None = None,
         frac_bits: int = DEFAULT_FRAC_BITS,
+        ring: str = "auto",
         linger: float = 5.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         random_bytes: RandomBytes = system_random_bytes,
@@ -246,6 +255,9 @@ class Peer:
             self.scheduler_key = read_public_key(scheduler_key)
             self.keys = keys or KeyPair.generate()
         self.frac_bits = frac_bits
+        if ring not in ("auto", "64"):
+            raise ConfigurationError(f"ring must be 'auto' or '64', got {ring!r}")
+        self.ring = ring
         self.linger = linger
         if (
             isinstance(max_message_bytes, bool)
@@ -403,7 +415,7 @@ class Peer:
         if not timeout > 0:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
         schema = Schema.of(state_dict, self.frac_bits)
-        check_values(state_dict, self.frac_bits)
+        exponents = magnitude_exponents(state_dict, self.frac_bits)
         self._check_inbox_limit(schema)
         started = self._clock()
         deadline = started + timeout
@@ -416,6 +428,7 @@ class Peer:
             float(weight),
             self.frac_bits,
             schema.to_wire(),
+            exponents if self.ring == "auto" else None,
         )
         self._send_scheduler(signup)
         # Sign-up bookkeeping: an assignment counts only after this call's SignupAck
@@ -456,7 +469,7 @@ class Peer:
                                 "peer %s ignores stale assignment %s", self.peer_id, msg.round_id
                             )
                             continue
-                        rnd = self._accept_assignment(msg, state_dict, weight, schema)
+                        rnd = self._accept_assignment(msg, state_dict, weight, schema, exponents)
                         if rnd is not None:
                             deadline = min(deadline, rnd.assigned_at + msg.deadline_s)
                     elif isinstance(msg, Rejoin):
@@ -550,6 +563,7 @@ class Peer:
         state_dict: Mapping[str, torch.Tensor],
         weight: float,
         schema: Schema,
+        exponents: list[int],
     ) -> _Round | None:
         members = {pid: _Member(ep, key) for pid, ep, key in msg.members}
         if msg.session != self.session or self.peer_id not in members:
@@ -574,13 +588,16 @@ class Peer:
                 msg.total_weight,
             )
             return None
+        plan = self._ring_plan(msg, schema, exponents, len(members))
+        if plan is None:
+            return None
         state = PeerRound(
             me=self.peer_id,
             round_id=msg.round_id,
             tree=tree,
-            # check_values() ran before the sign-up; no second pass over the model.
-            vector=encode(state_dict, schema, share, checked=True),
-            finalize=lambda total: decode_total(total, schema),
+            # The values were checked before the sign-up; no second pass over the model.
+            vector=encode(state_dict, schema, share, checked=True, plan=plan),
+            finalize=lambda total: decode_total(total, schema, plan),
             result_nbytes=schema.result_nbytes,
             random_bytes=self._random_bytes,
         )
@@ -600,6 +617,32 @@ class Peer:
         for m, k in early:  # shares that raced ahead of our assignment
             self._feed(rnd, m, k)
         return rnd
+
+    def _ring_plan(
+        self, msg: Assignment, schema: Schema, exponents: list[int], num_peers: int
+    ) -> RingPlan | None:
+        """The assignment's ring, or None (logged) when this peer must not accept it.
+
+        The scheduler's choice is checked, not trusted: the compact ring only if
+        this peer declared its exponents, the relayed ones cover its own values,
+        and the rule of :func:`compact_ring_allowed` holds for this round.
+        """
+        if msg.ring_bits == 64:
+            return RingPlan.wide(schema)
+        if self.ring != "auto":
+            problem = "this peer asked for the 64-bit ring"
+        elif msg.exponents is None or len(msg.exponents) != len(exponents):
+            problem = "the exponents do not match the model"
+        elif any(r < mine for r, mine in zip(msg.exponents, exponents, strict=True)):
+            problem = "the relayed exponents are below this peer's own magnitudes"
+        else:
+            problem = compact_ring_allowed(schema, msg.exponents, num_peers)
+        if problem is not None:
+            log.warning(
+                "ignoring assignment %s: the 32-bit ring is not safe (%s)", msg.round_id, problem
+            )
+            return None
+        return RingPlan.compact(schema, msg.exponents)  # type: ignore[arg-type]
 
     def _finish(
         self, rnd: _Round, schema: Schema, started: float, sent0: int, recv0: int

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lightning_secagg.deadlines import DEFAULT_POLICY, DeadlinePolicy
-from lightning_secagg.encoding import Schema
+from lightning_secagg.encoding import Schema, compact_ring_allowed
 from lightning_secagg.errors import ConfigurationError, RemoteProtocolError
 from lightning_secagg.messages import (
     Abort,
@@ -297,6 +297,9 @@ class SchedulerState:
                     SignupRejected(msg.session, msg.peer_id, "bad_schema", f"bad schema: {exc}"),
                 )
             ]
+        if msg.exponents is not None and len(msg.exponents) != len(schema.tensors):
+            reason = f"{len(msg.exponents)} magnitude exponents for {len(schema.tensors)} tensors"
+            return [Outgoing(conn, SignupRejected(msg.session, msg.peer_id, "bad_schema", reason))]
         holder = self._key_holding(msg.session, msg.peer_id)
         if holder is not None and holder != msg.public_key:
             # An id belongs to the key that holds it (queued or in a round): otherwise
@@ -365,10 +368,19 @@ class SchedulerState:
         tree = build_tree(ids, self.group_size, self.num_actors, self._rng)
         round_id = self._new_round_id()
         now = self._clock()
+        schema = chosen[0].schema
+        declared = [w.signup.exponents for w in chosen]
+        exponents = (
+            [max(column) for column in zip(*declared, strict=True)]  # type: ignore[arg-type]
+            if all(d is not None for d in declared)
+            else None
+        )
+        unsafe = compact_ring_allowed(schema, exponents, len(chosen))
+        ring = 64 if unsafe else 32
         if self.round_timeout is not None:
             budget = self.round_timeout
         else:
-            vector_bytes = 8 * chosen[0].schema.vector_size
+            vector_bytes = ring // 8 * schema.vector_size
             budget = self.deadline_policy.round_budget(vector_bytes, tree.depth, self.group_size)
         rnd = ActiveRound(
             round_id=round_id,
@@ -387,12 +399,14 @@ class SchedulerState:
                 round_id,
             )
         log.info(
-            "round %s of session %r: %d peers, depth %d, deadline %.1f s, tree %s",
+            "round %s of session %r: %d peers, depth %d, deadline %.1f s, %d-bit ring%s, tree %s",
             round_id,
             name,
             len(ids),
             tree.depth,
             budget,
+            ring,
+            f" ({unsafe})" if unsafe else "",
             format_tree(tree),
         )
         assignment = Assignment(
@@ -404,6 +418,8 @@ class SchedulerState:
             num_actors=self.num_actors,
             total_weight=sum(w.signup.weight for w in chosen),
             deadline_s=budget,
+            ring_bits=ring,
+            exponents=exponents if ring == 32 else None,
         )
         return [Outgoing(w.conn, assignment) for w in chosen]
 

@@ -45,7 +45,9 @@ VEC = np.arange(5, dtype=np.uint64) * np.uint64(2**61)
 RES = np.arange(16, dtype=np.uint8)
 
 SAMPLES: list[Message] = [
-    Signup("sess", "peer-1", "tcp://127.0.0.1:6000", KEY, 2.5, 32, [["w", [2, 3], "float32"]]),
+    Signup(
+        "sess", "peer-1", "tcp://127.0.0.1:6000", KEY, 2.5, 32, [["w", [2, 3], "float32"]], [-3]
+    ),
     Signup("sess", "peer-1", "ipc:///tmp/x.sock", "", 1, 8, [["w", [], "int64"]]),
     SignupAck("sess", "peer-1", 3),
     SignupRejected("sess", "peer-1", "schema_mismatch", "'w' has shape [3], expected [2]"),
@@ -58,6 +60,18 @@ SAMPLES: list[Message] = [
         2,
         6.0,
         30.0,
+    ),
+    Assignment(
+        "sess",
+        "r2",
+        [["a", "tcp://h:1", KEY], ["b", "tcp://h:2", KEY], ["c", "tcp://h:3", KEY]],
+        [[[["a", "b", "c"], ["a", "c"]]]],
+        3,
+        2,
+        6.0,
+        30.0,
+        32,
+        [1, -64, 64],
     ),
     Leave("sess", "peer-1"),
     Heartbeat("sess", "peer-1", None),
@@ -231,8 +245,10 @@ def test_extra_field(message):
     refused(mutate(message, payload=b"x"), "unexpected fields")
 
 
-def wrong_type_for(value: object) -> list[object]:
+def wrong_type_for(value: object, name: str = "") -> list[object]:
     """Values of a type the field never accepts (bools are refused where ints are)."""
+    if name == "exponents":  # optional list of small ints
+        return ["x", 5, True, {"a": 1}, [1.5], [True], [65], [-65], [], [None]]
     if isinstance(value, str):
         return [5, None, b"abc", ["a"], {"a": 1}]
     if isinstance(value, bool | int | float):
@@ -254,7 +270,7 @@ def accepts_none(check) -> bool:
 def test_wrong_typed_fields(message):
     header = good_header(message)
     for name, check in message.FIELDS.items():
-        for bad in wrong_type_for(header[name]):
+        for bad in wrong_type_for(header[name], name):
             if bad is None and accepts_none(check):
                 continue  # optional fields (a heartbeat's round) take None
             refused(mutate(message, **{name: bad}), rf"{message.TYPE}\.{name}: ")
