@@ -10,8 +10,11 @@ For each N, the script runs N processes of each kind on this machine:
 Round time, for both, is measured the same way: from the moment the *last*
 process enters the call to the moment the last one leaves it (wall clock,
 ``time.time()``, shared by all processes of one machine). Every process also
-reports its bytes (secagg only: per role) and its peak extra memory: its peak
-resident set size minus its resident set size at rest after the warm-up rounds.
+reports its bytes (secagg only: per role), its CPU time per round (every
+thread of the process, libzmq's I/O threads included; the table sums it over
+the peers: on a machine with fewer cores than processes, CPU is what bounds the
+round) and its peak extra memory: its peak resident set size minus its
+resident set size at rest after the warm-up rounds.
 
 Usage::
 
@@ -274,7 +277,8 @@ def fmt_row(res: dict) -> str:
         f"| {res['n']} | {res['model']} ({mb / 1e6:.1f} MB) "
         f"| {sm * 1e3:.0f} / {min(s) * 1e3:.0f} / {max(s) * 1e3:.0f} "
         f"| {gm * 1e3:.0f} / {min(g) * 1e3:.0f} / {max(g) * 1e3:.0f} "
-        f"| {sm / gm:.1f}x | {roles} | {res['peak_extra'] / mb:.2f}x |"
+        f"| {sm / gm:.1f}x | {roles} | {res['peak_extra'] / mb:.2f}x "
+        f"| {res['cpu_total'] * 1e3:.0f} |"
     )
 
 
@@ -310,14 +314,15 @@ def main() -> None:
             print(f"done N={n}", file=sys.stderr, flush=True)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
-        f"{args.rounds} rounds after {args.warmup} warm-up, loopback"
+        f"{args.rounds} rounds after {args.warmup} warm-up, loopback, "
+        f"{'PLAINTEXT links (--insecure)' if args.insecure else 'CurveZMQ on'}"
     )
     print(
         "| N | model | secagg ms median / min / max | gloo ms median / min / max "
         "| ratio | bytes per peer per round (sent + received) / model, by role "
-        "| peak extra memory / model |"
+        "| peak extra memory / model | secagg CPU ms per round, all peers |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for res in results:
         print(fmt_row(res))
     if args.json:

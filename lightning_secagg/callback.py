@@ -156,6 +156,10 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             fail every following attempt the same way.
         max_retries: Extra attempts per round under ``on_failure="retry"``.
         log_metrics: Log ``secagg/*`` metrics and the progress bar entry.
+        ring: ``"auto"`` lets the scheduler pick the compact 32-bit ring when it
+            is safe (half the bytes; each peer discloses to the scheduler the
+            binary exponent of every tensor's largest magnitude); ``"64"``
+            discloses nothing and keeps the 64-bit ring (see ``docs/numerics.md``).
 
     Raises:
         SecureAggregationMisconfigurationError: If an argument is invalid (a
@@ -177,6 +181,7 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         on_failure: str = "retry",
         max_retries: int = 2,
         log_metrics: bool = True,
+        ring: str = "auto",
     ) -> None:
         super().__init__()
         self.scheduler = _normalize_endpoint("scheduler", scheduler, allow_port_zero=False)
@@ -255,6 +260,11 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 f"`on_failure` must be one of {FAILURE_POLICIES}, found {on_failure!r}."
             )
         self.on_failure = on_failure
+        if ring not in ("auto", "64"):
+            raise SecureAggregationMisconfigurationError(
+                f"`ring` must be 'auto' or '64', found {ring!r}."
+            )
+        self.ring = ring
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise SecureAggregationMisconfigurationError(
                 f"`max_retries` must be an integer >= 0, found {max_retries!r}."
@@ -391,6 +401,8 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             kwargs["scheduler_key"] = self.scheduler_key
         if self.insecure:
             kwargs["insecure"] = True
+        if self.ring != "auto":
+            kwargs["ring"] = self.ring
         return Peer(self.address, self.scheduler, **kwargs)
 
     @override

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 
 from lightning_secagg.errors import ConfigurationError
-from lightning_secagg.planner import DTYPES
+from lightning_secagg.planner import DTYPES, RINGS
 from lightning_secagg.scheduler import Scheduler
 from lightning_secagg.security import KeyPair, write_key_files
 
@@ -88,6 +88,7 @@ def _tree(args: argparse.Namespace) -> int:
             seed=args.seed,
             params=args.params,
             dtype=args.dtype,
+            ring=args.ring,
         )
     except ConfigurationError as exc:
         print(f"lightning-secagg tree: error: {exc}", file=sys.stderr)
@@ -165,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="preview the aggregation tree, its privacy threshold and the bytes per peer",
         description="Print the tree the scheduler would build for these parameters (from a "
         "seeded shuffle; the scheduler itself uses a CSPRNG), its depth, the collusion needed "
-        "to expose a peer, and the bytes each role sends and receives per round, computed "
-        "by simulating the round with the real protocol code.",
+        "to expose a peer, the ring the round would use, and the bytes each role sends and "
+        "receives per round, computed by simulating the round with the real protocol code.",
     )
     tree.add_argument("--target-size", type=int, default=6, help="peers per round")
     tree.add_argument("--group-size", type=int, default=3, help="participants per tree group")
@@ -176,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tree.add_argument("--params", type=int, default=1_200_000, help="model elements (e.g. 1200000)")
     tree.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the model's dtype")
+    tree.add_argument(
+        "--ring",
+        default="auto",
+        choices=list(RINGS),
+        help="the peers' ring setting, as Peer(ring=...): auto (default) gives the 32-bit ring "
+        "(4-byte shares) when the scheduler would pick it, assuming every peer declares "
+        "magnitudes it accepts (no float64 tensors, at most 64 peers); 64 keeps 8-byte shares",
+    )
     tree.add_argument("--per-peer", action="store_true", help="also list every peer's bytes")
     tree.add_argument("--json", action="store_true", help="machine-readable output")
     tree.set_defaults(func=_tree)

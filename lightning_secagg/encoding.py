@@ -350,7 +350,10 @@ def compact_ring_allowed(
         num_peers: Members of the round.
     """
     if exponents is None:
-        return "a member asked for the 64-bit ring (declared no magnitudes)"
+        return (
+            "a member declared no magnitudes (it asked for the 64-bit ring, "
+            "or its model rules the compact ring out)"
+        )
     if len(exponents) != len(schema.tensors):
         return f"{len(exponents)} exponents for {len(schema.tensors)} tensors"
     if num_peers > COMPACT_MAX_PEERS:
@@ -366,6 +369,16 @@ def compact_ring_allowed(
         ):
             return f"integer tensor {spec.name!r} holds values up to 2**{e}, too large"
     return None
+
+
+def exponents_to_declare(schema: Schema, exponents: list[int]) -> list[int] | None:
+    """What a peer willing to use the compact ring declares at sign-up.
+
+    None (nothing disclosed) when its own model already rules the compact ring
+    out whatever the others hold: a float64 tensor, or integers too large even
+    for a round of one. Otherwise ``exponents``.
+    """
+    return exponents if compact_ring_allowed(schema, exponents, 1) is None else None
 
 
 @dataclass(frozen=True)
@@ -503,21 +516,25 @@ def decode_total(total: np.ndarray, schema: Schema, plan: RingPlan | None = None
             # Nothing to write, and torch refuses to view an empty tensor as bytes
             # (its last stride is 0), so a zero-element entry is skipped outright.
             continue
-        mean = signed[src : src + spec.numel].astype(np.float64)
-        mean /= count
-        if f != plan.count_frac_bits:
-            mean *= math.ldexp(1.0, plan.count_frac_bits - f)  # a power of two: exact
-        value_f64 = torch.from_numpy(mean)
         dtype = spec.torch_dtype
-        if dtype.is_floating_point:
-            value = value_f64.to(dtype)
-        elif dtype == torch.bool:
-            value = value_f64 >= 0.5
-        else:
-            info = torch.iinfo(dtype)
-            value = torch.round(value_f64).clamp_(info.min, info.max).to(dtype)
-        raw = value.reshape(-1).view(torch.uint8).numpy()
-        out[dst : dst + spec.nbytes] = raw
+        # The tensor's slice of the output, viewed in its own dtype: each chunk is
+        # converted straight into it, so no model-sized float64 temporary exists.
+        dest = torch.from_numpy(out[dst : dst + spec.nbytes]).view(dtype)
+        power = math.ldexp(1.0, plan.count_frac_bits - f)  # a power of two: exact
+        for i in range(0, spec.numel, ENCODE_CHUNK):
+            n = min(ENCODE_CHUNK, spec.numel - i)
+            mean = signed[src + i : src + i + n].astype(np.float64)
+            mean /= count
+            if power != 1.0:
+                mean *= power
+            value_f64 = torch.from_numpy(mean)
+            if dtype.is_floating_point:
+                dest[i : i + n] = value_f64  # rounds to the dtype, as .to(dtype) does
+            elif dtype == torch.bool:
+                dest[i : i + n] = value_f64 >= 0.5
+            else:
+                info = torch.iinfo(dtype)
+                dest[i : i + n] = torch.round(value_f64).clamp_(info.min, info.max)
         src += spec.numel
     return out
 

@@ -37,6 +37,7 @@ from lightning_secagg.encoding import (
     decode_result,
     decode_total,
     encode,
+    exponents_to_declare,
     magnitude_exponents,
 )
 from lightning_secagg.errors import (
@@ -119,6 +120,7 @@ class RoundStats:
         num_peers: Members of the round.
         depth: Levels of the round's tree.
         roles: This peer's roles, e.g. ``("participant@0", "actor@0/g1")``.
+        ring_bits: The round's ring: 32 (compact) or 64.
     """
 
     round_id: str
@@ -129,6 +131,7 @@ class RoundStats:
     num_peers: int
     depth: int
     roles: tuple[str, ...]
+    ring_bits: int = 64
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -428,7 +431,7 @@ class Peer:
             float(weight),
             self.frac_bits,
             schema.to_wire(),
-            exponents if self.ring == "auto" else None,
+            exponents_to_declare(schema, exponents) if self.ring == "auto" else None,
         )
         self._send_scheduler(signup)
         # Sign-up bookkeeping: an assignment counts only after this call's SignupAck
@@ -662,6 +665,7 @@ class Peer:
             num_peers=len(rnd.members),
             depth=rnd.state.tree.depth,
             roles=rnd.state.roles,
+            ring_bits=rnd.assignment.ring_bits,
         )
         self.last_stats = stats
         self._send_scheduler(

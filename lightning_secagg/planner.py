@@ -11,7 +11,7 @@ sans-IO :class:`~lightning_secagg.protocol.peer_round.PeerRound` objects over an
 in-memory queue, on one-element vectors, and every message is then sized as the
 wire sizes it — ``len(msgpack header)`` (the real header, encoded by
 :mod:`lightning_secagg.codec`) plus the payload the real model would carry
-(``8 * Schema.vector_size`` for a dense share or a partial sum,
+(``ring_bits / 8 * Schema.vector_size`` for a dense share or a partial sum,
 ``Schema.result_nbytes`` for the result). That is what
 :func:`lightning_secagg.transport.frames_nbytes` counts and what a peer reports in
 :class:`~lightning_secagg.peer.RoundStats`; ZeroMQ's framing and CurveZMQ's
@@ -21,6 +21,16 @@ Which actor receives a participant's dense share is random in a real round
 (drawn from the peer's ``random_bytes``), so an actor's *received* bytes vary
 from round to round; what a peer *sends* does not. :class:`PeerPlan` gives the
 figure for the simulated draw and the ``[min, max]`` range over all draws.
+
+The ring is chosen as the scheduler chooses it: the compact ring Z_2^32 (4-byte
+elements) when every member declares its magnitude exponents
+(``Peer(ring="auto")``, the default) and
+:func:`~lightning_secagg.encoding.compact_ring_allowed` accepts the schema, the
+round's size and the largest exponent of each tensor; Z_2^64 (8-byte elements)
+otherwise. A preview has no model values, so unless told the real exponents it
+assumes magnitudes the compact ring accepts (:func:`assumed_exponents`); the
+dtype and round-size rules still apply. The exponents are in the sign-up and
+the assignment headers, so they count in the header bytes too.
 """
 
 from __future__ import annotations
@@ -36,7 +46,16 @@ from typing import Any
 import numpy as np
 
 from lightning_secagg import codec
-from lightning_secagg.encoding import DEFAULT_FRAC_BITS, Schema, TensorSpec
+from lightning_secagg.encoding import (
+    DEFAULT_FRAC_BITS,
+    MAX_EXPONENT,
+    MIN_EXPONENT,
+    RING_DTYPES,
+    Schema,
+    TensorSpec,
+    compact_ring_allowed,
+    exponents_to_declare,
+)
 from lightning_secagg.errors import ConfigurationError
 from lightning_secagg.messages import (
     Assignment,
@@ -71,6 +90,13 @@ DEFAULT_SESSION = "default"
 DEFAULT_ROUND_ID = "0" * 16  # the scheduler's ids are 16 hex digits
 DEFAULT_DEADLINE_S = 300.0
 _PLACEHOLDER_KEY = "0" * 40  # Z85 keys are 40 characters
+#: ``ring`` values a member (like ``Peer(ring=...)``) and ``--ring`` accept.
+RINGS = ("auto", "64")
+#: Magnitude exponents a preview assumes when it is not told the real ones
+#: (``max|x| < 2**e``): floating tensors below 1, integers below 2 (bool
+#: tensors always declare 1, empty ones the minimum, as real peers do).
+ASSUMED_FLOAT_EXPONENT = 0
+ASSUMED_INT_EXPONENT = 1
 
 
 def default_peer_ids(n: int) -> list[str]:
@@ -96,6 +122,27 @@ def model_schema(params: int, dtype: str = "float32", frac_bits: int = DEFAULT_F
     return Schema((TensorSpec("weight", (params,), dtype),), frac_bits)
 
 
+def assumed_exponents(schema: Schema) -> list[int]:
+    """The magnitude exponents a preview assumes for every member of a round.
+
+    A preview has no values; these are small enough for the compact ring
+    (floating tensors ``|x| < 1``, integers ``|x| < 2``), so whether a round
+    gets it is decided by the rules that depend only on the schema and the
+    round's size (float64 tensors, more than 64 peers). Every one of them packs
+    into one msgpack byte, like every real exponent from -32 to 64; an empty
+    tensor declares -64 (two bytes), as a real peer does.
+    """
+    out = []
+    for spec in schema.tensors:
+        if spec.numel == 0:
+            out.append(MIN_EXPONENT)
+        elif spec.dtype.startswith(("float", "bfloat")):
+            out.append(ASSUMED_FLOAT_EXPONENT)
+        else:
+            out.append(ASSUMED_INT_EXPONENT)  # integers and bool (which declares 1)
+    return out
+
+
 def counter_random_bytes(label: str) -> RandomBytes:
     """A deterministic byte stream (SHA-256 in counter mode) named by ``label``.
 
@@ -117,12 +164,85 @@ def counter_random_bytes(label: str) -> RandomBytes:
 
 @dataclass(frozen=True)
 class Member:
-    """What the scheduler relays about one member: its id, endpoint and CURVE key."""
+    """One member of a round: what the scheduler relays about it and what it declares.
+
+    Attributes:
+        peer_id: Its id.
+        endpoint: Where it listens.
+        public_key: Its CURVE public key (Z85).
+        weight: Its weight (sample count), a float in its sign-up; the assignment
+            carries the total.
+        ring: Its ``Peer(ring=...)``: ``"auto"`` declares magnitude exponents at
+            sign-up, ``"64"`` declares none and keeps its rounds in Z_2^64.
+        exponents: What it declares with ``ring="auto"``: its model's
+            :func:`~lightning_secagg.encoding.magnitude_exponents`, one per
+            tensor; None: :func:`assumed_exponents`.
+    """
 
     peer_id: str
     endpoint: str
     public_key: str
     weight: float = 1.0
+    ring: str = "auto"
+    exponents: tuple[int, ...] | None = None
+
+    def declared(self, schema: Schema) -> list[int] | None:
+        """The ``exponents`` field of its sign-up (None with ``ring="64"``, or when the
+        model alone rules the compact ring out: see :func:`exponents_to_declare`).
+
+        Raises:
+            ConfigurationError: ``ring`` is unknown, or the exponents do not fit the schema.
+        """
+        if self.ring not in RINGS:
+            raise ConfigurationError(f"ring must be one of {', '.join(RINGS)}, got {self.ring!r}")
+        if self.ring == "64":
+            return None
+        if self.exponents is None:
+            return exponents_to_declare(schema, assumed_exponents(schema))
+        exponents = [int(e) for e in self.exponents]
+        if len(exponents) != len(schema.tensors):
+            raise ConfigurationError(
+                f"{self.peer_id}: {len(exponents)} exponents for {len(schema.tensors)} tensors"
+            )
+        if not all(MIN_EXPONENT <= e <= MAX_EXPONENT for e in exponents):
+            raise ConfigurationError(
+                f"{self.peer_id}: exponents must be in [{MIN_EXPONENT}, {MAX_EXPONENT}]"
+            )
+        return exponents_to_declare(schema, exponents)
+
+
+@dataclass(frozen=True)
+class RingChoice:
+    """The ring of a round, chosen as the scheduler chooses it.
+
+    Attributes:
+        ring_bits: 32 (the compact ring) or 64.
+        exponents: The largest declared exponent of each tensor, relayed in the
+            assignment with the 32-bit ring (None with 64).
+        reason: Why the round keeps the 64-bit ring (None with 32).
+    """
+
+    ring_bits: int
+    exponents: tuple[int, ...] | None
+    reason: str | None
+
+    @classmethod
+    def of(cls, schema: Schema, declared: Sequence[Sequence[int] | None]) -> RingChoice:
+        """What ``SchedulerState`` picks from its members' sign-ups (``declared``)."""
+        exponents = (
+            [max(column) for column in zip(*declared, strict=True)]
+            if declared and all(d is not None for d in declared)
+            else None
+        )
+        reason = compact_ring_allowed(schema, exponents, len(declared))
+        if reason is not None or exponents is None:
+            return cls(64, None, reason)
+        return cls(32, tuple(exponents), None)
+
+    @property
+    def element_bytes(self) -> int:
+        """Bytes of one ring element: 4 or 8."""
+        return self.ring_bits // 8
 
 
 @dataclass(frozen=True)
@@ -195,6 +315,7 @@ class Plan:
     peers: tuple[PeerPlan, ...]
     done_bytes: int
     warnings: tuple[str, ...] = field(default=())
+    ring: RingChoice = field(default=RingChoice(64, None, None))
 
     @property
     def num_peers(self) -> int:
@@ -217,9 +338,14 @@ class Plan:
         return self.schema.vector_size - 1
 
     @property
+    def ring_bits(self) -> int:
+        """The round's ring: 32 (compact) or 64."""
+        return self.ring.ring_bits
+
+    @property
     def dense_bytes(self) -> int:
-        """Payload of a dense share or a partial sum: ``8 * vector_size``."""
-        return 8 * self.schema.vector_size
+        """Payload of a dense share or a partial sum: ``ring_bits / 8 * vector_size``."""
+        return self.ring.element_bytes * self.schema.vector_size
 
     @property
     def result_bytes(self) -> int:
@@ -296,6 +422,12 @@ class Plan:
             "collusion_threshold": self.collusion_threshold,
             "privacy": self.privacy(),
             "warnings": list(self.warnings),
+            "ring": {
+                "ring_bits": self.ring_bits,
+                "element_bytes": self.ring.element_bytes,
+                "exponents": list(self.ring.exponents) if self.ring.exponents else None,
+                "reason_for_64": self.ring.reason,
+            },
             "model": {
                 "params": self.params,
                 "schema": self.schema.to_wire(),
@@ -342,12 +474,13 @@ class Plan:
         lines += ["", "Privacy:"]
         lines += [f"  - {s}" for s in self.privacy()]
         lines += [f"  ! {w}" for w in self.warnings]
+        lines += ["", f"Ring: {self._describe_ring()}"]
         lines += [
             "",
             f"Bytes per round for a model of {self.params:,} elements "
             f"({_describe_schema(self.schema)}):",
             f"  dense share or partial sum: {self.dense_bytes:,} B payload "
-            f"(8 B x {self.schema.vector_size:,}: count slot + elements); "
+            f"({self.ring.element_bytes} B x {self.schema.vector_size:,}: count slot + elements); "
             f"seed share: {SEED_BYTES} B seed in the header; "
             f"result: {self.result_bytes:,} B payload",
             "  headers (msgpack) included; ZeroMQ/CurveZMQ framing not included",
@@ -379,6 +512,14 @@ class Plan:
                 rows.append((p.peer_id, ", ".join(p.roles), f"{p.bytes_sent:,}", received))
             lines += _table(rows)
         return "\n".join(lines)
+
+    def _describe_ring(self) -> str:
+        if self.ring_bits == 32:
+            return (
+                "Z_2^32 (4 B elements): every peer declares each tensor's magnitude "
+                "exponent at sign-up (values assumed here); --ring 64 keeps Z_2^64"
+            )
+        return f"Z_2^64 (8 B elements): {self.ring.reason or 'forced'}"
 
 
 def _kind_order(kind: str) -> int:
@@ -423,17 +564,24 @@ def _describe_schema(schema: Schema) -> str:
     return f"{len(schema.tensors)} tensors, {'/'.join(dtypes)}"
 
 
-def wire_size(message: Message, schema: Schema) -> int:
+def wire_size(message: Message, schema: Schema, ring_bits: int = 64) -> int:
     """Bytes ``message`` takes on the wire for a model of ``schema``.
 
     The header is encoded by the real codec; the payload is sized for the real
-    model (the simulation runs on one-element vectors).
+    model (the simulation runs on one-element vectors): ``ring_bits / 8`` bytes
+    per element of a dense share or a partial sum.
+
+    Raises:
+        ConfigurationError: ``ring_bits`` is not 32 or 64.
     """
+    if ring_bits not in RING_DTYPES:
+        raise ConfigurationError(f"ring_bits must be 32 or 64, got {ring_bits!r}")
+    dense = ring_bits // 8 * schema.vector_size
     header = len(codec.encode(message)[0])
     if isinstance(message, Share):
-        return header + (8 * schema.vector_size if message.seed is None else 0)
+        return header + (dense if message.seed is None else 0)
     if isinstance(message, Partial):
-        return header + 8 * schema.vector_size
+        return header + dense
     if isinstance(message, Result):
         return header + schema.result_nbytes
     return header
@@ -446,6 +594,7 @@ def _simulate(
     tree: AggregationTree,
     round_id: str,
     random_bytes_for: Callable[[str], RandomBytes],
+    ring_bits: int,
 ) -> tuple[dict[str, PeerRound], list[Send]]:
     """Run the round with real PeerRounds on one-element vectors; return every delivered send."""
     states = {
@@ -453,7 +602,7 @@ def _simulate(
             me=pid,
             round_id=round_id,
             tree=tree,
-            vector=np.zeros(1, dtype=np.uint64),
+            vector=np.zeros(1, dtype=RING_DTYPES[ring_bits]),
             finalize=lambda _total: np.zeros(_TINY_RESULT_BYTES, dtype=np.uint8),
             result_nbytes=_TINY_RESULT_BYTES,
             random_bytes=random_bytes_for(pid),
@@ -488,12 +637,18 @@ def predict(
 ) -> Plan:
     """Every member's bytes for one round over ``tree``.
 
+    The round's ring is what the scheduler would pick from the members'
+    declarations (:class:`RingChoice`); it sizes every dense share and partial
+    sum, and the exponents count in the sign-up and assignment headers.
+
     Args:
         tree: The round's tree.
         schema: The model's layout (see :func:`model_schema` or ``Schema.of(state_dict)``).
         members: Members in the scheduler's queue order (which is the order of the
-            assignment's member list and sets each ``signup_ok``'s ``queued``);
-            placeholders of realistic length when omitted.
+            assignment's member list and sets each ``signup_ok``'s ``queued``),
+            each with its ``ring`` and, for exact header bytes, its real
+            exponents; placeholders of realistic length (``ring="auto"``,
+            assumed exponents) when omitted.
         round_id: The round's id (16 hex digits in production).
         session: The session name.
         deadline_s: The scheduler's round timeout (a float on the wire either way).
@@ -505,6 +660,10 @@ def predict(
     Returns:
         The plan; ``plan.peer(id).bytes_sent`` is what that peer's
         ``RoundStats.bytes_sent`` reports after the same round.
+
+    Raises:
+        ConfigurationError: the members are not the tree's, or a member's
+            ``ring`` or exponents are invalid.
     """
     if members is None:
         members = [
@@ -515,16 +674,20 @@ def predict(
         raise ConfigurationError("members must be exactly the tree's members")
     if random_bytes_for is None:
         random_bytes_for = counter_random_bytes
-    states, delivered = _simulate(tree, round_id, random_bytes_for)
+    declared = [m.declared(schema) for m in members]
+    ring = RingChoice.of(schema, declared)
+    ring_bits = ring.ring_bits
+    states, delivered = _simulate(tree, round_id, random_bytes_for, ring_bits)
     p2p_sent = dict.fromkeys(states, 0)
     p2p_recv = dict.fromkeys(states, 0)
     n_sent = dict.fromkeys(states, 0)
     n_recv = dict.fromkeys(states, 0)
     dense_got: dict[tuple[str, int, int], int] = {}
-    dense_extra = 8 * schema.vector_size - SEED_BYTES - 1  # header bin8(32) -> nil, + payload
+    # A dense share instead of a seed: header bin8(32) -> nil, plus the payload.
+    dense_extra = ring.element_bytes * schema.vector_size - SEED_BYTES - 1
     for send in delivered:
         sender = getattr(send.message, "sender", None)
-        size = wire_size(send.message, schema)
+        size = wire_size(send.message, schema, ring_bits)
         if not isinstance(sender, str):  # pragma: no cover - every peer message names its sender
             raise RuntimeError(f"message without a sender: {send.message!r}")
         p2p_sent[sender] += size
@@ -555,10 +718,12 @@ def predict(
         num_actors=tree.num_actors,
         total_weight=float(sum(m.weight for m in members)),
         deadline_s=float(deadline_s),
+        ring_bits=ring_bits,
+        exponents=list(ring.exponents) if ring.exponents is not None else None,
     )
-    assignment_bytes = wire_size(assignment, schema)
+    assignment_bytes = wire_size(assignment, schema, ring_bits)
     plans = []
-    for position, m in enumerate(members):
+    for position, (m, exponents) in enumerate(zip(members, declared, strict=True)):
         signup = Signup(
             session,
             m.peer_id,
@@ -567,6 +732,7 @@ def predict(
             float(m.weight),
             schema.frac_bits,
             schema.to_wire(),
+            exponents,
         )
         ack = SignupAck(session, m.peer_id, position + 1)
         state = states[m.peer_id]
@@ -579,8 +745,8 @@ def predict(
                 p2p_received=p2p_recv[m.peer_id],
                 p2p_received_min=low[m.peer_id],
                 p2p_received_max=high[m.peer_id],
-                scheduler_sent=wire_size(signup, schema),
-                scheduler_received=wire_size(ack, schema) + assignment_bytes,
+                scheduler_sent=wire_size(signup, schema, ring_bits),
+                scheduler_received=wire_size(ack, schema, ring_bits) + assignment_bytes,
                 messages_sent=n_sent[m.peer_id] + 1,
                 messages_received=n_recv[m.peer_id] + 2,
             )
@@ -591,8 +757,9 @@ def predict(
         schema=schema,
         seed=seed,
         peers=tuple(plans),
-        done_bytes=wire_size(done, schema),
+        done_bytes=wire_size(done, schema, ring_bits),
         warnings=tuple(warnings),
+        ring=ring,
     )
 
 
@@ -606,6 +773,8 @@ def plan(
     dtype: str = "float32",
     schema: Schema | None = None,
     peer_ids: Sequence[str] | None = None,
+    ring: str = "auto",
+    exponents: Sequence[int] | None = None,
 ) -> Plan:
     """Build the tree the scheduler would build and predict every peer's bytes.
 
@@ -619,9 +788,15 @@ def plan(
         dtype: The model's dtype, when ``schema`` is not given.
         schema: A real model's layout (``Schema.of(model.state_dict())``).
         peer_ids: Member ids (default: ``peer-00000000``... like ``Peer``'s own).
+        ring: Every member's ``Peer(ring=...)``: ``"auto"`` (the default: the
+            32-bit ring when the scheduler would pick it) or ``"64"``.
+        exponents: The magnitude exponents every member declares with
+            ``ring="auto"`` (:func:`~lightning_secagg.encoding.magnitude_exponents`
+            of a real model); :func:`assumed_exponents` when omitted.
 
     Raises:
-        ConfigurationError: invalid tree parameters, ``params`` or ``dtype``.
+        ConfigurationError: invalid tree parameters, ``params``, ``dtype``,
+            ``ring`` or ``exponents``.
     """
     if schema is None:
         schema = model_schema(params, dtype)
@@ -629,7 +804,11 @@ def plan(
     if len(ids) != target_size:
         raise ConfigurationError(f"expected {target_size} peer ids, got {len(ids)}")
     tree = build_tree(ids, group_size, num_actors, random.Random(seed))  # noqa: S311 - a preview
-    members = [Member(pid, default_endpoint(i), _PLACEHOLDER_KEY) for i, pid in enumerate(ids)]
+    declared = tuple(exponents) if exponents is not None else None
+    members = [
+        Member(pid, default_endpoint(i), _PLACEHOLDER_KEY, ring=ring, exponents=declared)
+        for i, pid in enumerate(ids)
+    ]
 
     def draws(pid: str) -> RandomBytes:
         return counter_random_bytes(f"{seed}:{pid}")
@@ -645,21 +824,38 @@ def plan(
 
 
 def members_from(
-    ids_endpoints_keys: Sequence[tuple[str, str, str]], weights: Mapping[str, float] | None = None
+    ids_endpoints_keys: Sequence[tuple[str, str, str]],
+    weights: Mapping[str, float] | None = None,
+    exponents: Mapping[str, Sequence[int] | None] | None = None,
 ) -> list[Member]:
-    """Members from ``(peer_id, endpoint, public_key)`` triples, in queue order."""
+    """Members from ``(peer_id, endpoint, public_key)`` triples, in queue order.
+
+    ``exponents`` maps a peer id to what it declares at sign-up: its model's
+    magnitude exponents, or None for a peer with ``ring="64"``; peers it does
+    not name declare :func:`assumed_exponents`.
+    """
     weights = weights or {}
-    return [
-        Member(pid, ep, key, float(weights.get(pid, 1.0))) for pid, ep, key in ids_endpoints_keys
-    ]
+    exponents = exponents or {}
+    members = []
+    for pid, ep, key in ids_endpoints_keys:
+        if pid in exponents and exponents[pid] is None:
+            ring, declared = "64", None
+        else:
+            found = exponents.get(pid)
+            ring, declared = "auto", (tuple(found) if found is not None else None)
+        members.append(Member(pid, ep, key, float(weights.get(pid, 1.0)), ring, declared))
+    return members
 
 
 __all__ = [
     "DTYPES",
+    "RINGS",
     "Member",
     "PeerPlan",
     "Plan",
+    "RingChoice",
     "RoleSummary",
+    "assumed_exponents",
     "counter_random_bytes",
     "default_peer_ids",
     "members_from",

@@ -41,6 +41,14 @@ CHUNK_BYTES = 1 << 20
 RING_DTYPES = (np.dtype(np.uint32), np.dtype(np.uint64))
 
 
+_ZEROS = bytes(CHUNK_BYTES)
+
+
+def _zeros(n: int) -> memoryview:
+    """``n`` read-only zero bytes (``n <= CHUNK_BYTES``), shared, never reallocated."""
+    return memoryview(_ZEROS)[:n]
+
+
 def _keystream(seed: bytes, size: int, dtype: np.dtype) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(offset, words)`` chunks of the stream named by ``seed``; ``words`` is reused.
 
@@ -54,11 +62,11 @@ def _keystream(seed: bytes, size: int, dtype: np.dtype) -> Iterator[tuple[int, n
     chunk_words = CHUNK_BYTES // dtype.itemsize
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_NONCE)).encryptor()
     buf = np.empty(min(size, chunk_words), dtype=dtype)
+    zeros = _zeros(buf.nbytes)
     for start in range(0, size, chunk_words):
         words = buf[: min(chunk_words, size - start)]
-        words.fill(0)
-        view = memoryview(words).cast("B")
-        encryptor.update_into(view, view)  # keystream XOR zeros, written in place
+        # The keystream is the encryption of zeros, written straight into ``words``.
+        encryptor.update_into(zeros[: words.nbytes], memoryview(words).cast("B"))
         if not np.little_endian:  # keystream bytes are little-endian words everywhere
             words.byteswap(inplace=True)
         yield start, words
@@ -94,8 +102,9 @@ def expand_seed(seed: bytes, size: int, dtype: np.dtype | type = np.uint64) -> n
     Raises:
         ValueError: the seed is not 32 bytes, or not a ring dtype.
     """
-    out = np.zeros(size, dtype=dtype)
-    add_expanded_seed(seed, out)
+    out = np.empty(size, dtype=dtype)
+    for start, words in _keystream(seed, size, out.dtype):
+        out[start : start + words.size] = words
     return out
 
 

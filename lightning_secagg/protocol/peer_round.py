@@ -32,7 +32,13 @@ import numpy as np
 
 from lightning_secagg.errors import LocalProtocolError, RemoteProtocolError
 from lightning_secagg.messages import Message, Partial, Result, Share
-from lightning_secagg.sharing import RandomBytes, add_expanded_seed, random_index, split
+from lightning_secagg.sharing import (
+    RandomBytes,
+    add_expanded_seed,
+    expand_seed,
+    random_index,
+    split,
+)
 from lightning_secagg.tree import AggregationTree, Group
 
 ROOT = -1  # accumulator key level for the root exchange
@@ -240,8 +246,14 @@ class PeerRound:
             seed = None if dense else next(seeds)
             payload = shares.dense if dense else None
             if actor == self.me:
+                # Our own dense share is sent to nobody else: the sum may take it over.
                 out += self._contribute(
-                    self._accs[(level, group.index)], (level, group.index), self.me, payload, seed
+                    self._accs[(level, group.index)],
+                    (level, group.index),
+                    self.me,
+                    payload,
+                    seed,
+                    owned=True,
                 )
             else:
                 msg = Share(self.round_id, level, group.index, self.me, seed, payload)
@@ -255,6 +267,8 @@ class PeerRound:
         sender: str,
         payload: np.ndarray | None,
         seed: bytes | None,
+        *,
+        owned: bool = False,
     ) -> list[Send]:
         if sender not in acc.expected:
             raise RemoteProtocolError(f"{sender} is not expected to send {acc.label}")
@@ -265,8 +279,15 @@ class PeerRound:
         if payload is None and seed is None:
             raise RemoteProtocolError(f"{acc.label} from {sender} is empty")
         if acc.total is None:
-            acc.total = np.zeros(self.size, dtype=self.dtype)
-        if payload is not None:
+            # The first contribution becomes the sum: adopted when it is ours to
+            # mutate (our own dense share), else copied or expanded; no zero-fill.
+            if payload is None:
+                acc.total = expand_seed(seed, self.size, self.dtype)  # type: ignore[arg-type]
+            elif owned:
+                acc.total = payload
+            else:
+                acc.total = payload.copy()
+        elif payload is not None:
             np.add(acc.total, payload, out=acc.total)
         else:
             add_expanded_seed(seed, acc.total)  # type: ignore[arg-type]

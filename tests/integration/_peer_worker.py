@@ -18,11 +18,15 @@ import torch
 from lightning_secagg import Peer
 
 
-def make_state(index: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+def make_state(index: int, scale: float = 1.0, model: str = "mixed") -> dict[str, torch.Tensor]:
+    """Peer ``index``'s model. ``mixed`` holds a float64 tensor, so its rounds use the
+    64-bit ring; ``compact`` is the same model with that tensor in float32, so its
+    rounds (up to 64 peers) use the 32-bit ring."""
     g = torch.Generator().manual_seed(1000 + index)
+    bias_dtype = torch.float64 if model == "mixed" else torch.float32
     return {
         "conv.weight": (torch.randn(8, 4, 3, 3, generator=g) * scale).float(),
-        "conv.bias": (torch.randn(8, generator=g) * scale).double(),
+        "conv.bias": (torch.randn(8, generator=g) * scale).to(bias_dtype),
         "fc.weight": (torch.randn(33, 7, generator=g) * scale).to(torch.float16),
         "fc.bias": (torch.randn(33, generator=g) * scale).to(torch.bfloat16),
         "bn.num_batches_tracked": torch.tensor(100 * index + 7, dtype=torch.int64),
@@ -42,6 +46,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--weight", type=float, default=1.0)
     parser.add_argument("--timeout", type=float, default=90.0)
+    parser.add_argument("--model", choices=["mixed", "compact"], default="mixed")
+    parser.add_argument("--ring", choices=["auto", "64"], default="auto")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     records = []
@@ -51,10 +57,12 @@ def main() -> int:
         peer_id=f"peer{args.index}",
         scheduler_key=args.scheduler_key,
         insecure=args.insecure,
+        ring=args.ring,
     )
     with peer:
         for r in range(args.rounds):
-            result = peer.aggregate(make_state(args.index, 1.0 + r), args.weight, args.timeout)
+            state = make_state(args.index, 1.0 + r, args.model)
+            result = peer.aggregate(state, args.weight, args.timeout)
             raw = hashlib.sha256()
             values = {}
             for name, t in result.items():
@@ -74,6 +82,7 @@ def main() -> int:
                         "num_peers": stats.num_peers,
                         "roles": list(stats.roles),
                         "round_seconds": stats.round_seconds,
+                        "ring_bits": stats.ring_bits,
                     },
                 }
             )

@@ -528,7 +528,12 @@ def test_outsider_with_own_curve_key_is_heard_and_dropped(cluster):
     peer_junk = junk(cluster.marker, for_scheduler=False)
     sched_junk = junk(cluster.marker, for_scheduler=True) * 3
     expected = sum(malformed(f, PEER_TO_PEER) for f in peer_junk)
-    assert expected >= len(peer_junk) - 3  # nearly all of it is refused by the codec itself
+    # Nearly all of it is refused by the codec itself. Payload bytes are opaque to the
+    # codec (their width depends on the round's ring): a pickle as a payload, or a
+    # payload of the wrong size, passes it and is dropped by the round (or waits, inert,
+    # among the early messages of a round that never comes).
+    opaque_payloads = len(pickles(cluster.marker)) + 1
+    assert expected >= len(peer_junk) - 3 - opaque_payloads
     waiting = cluster.workers[:-1]  # inside aggregate(): they answer the handshake now
     before, sched_before = cluster.dropped(needle), cluster.scheduler_dropped()
 

@@ -1,21 +1,26 @@
 """The planner's byte figures against what real peers report after a real round.
 
 An in-process scheduler and peers in threads, over CURVE on loopback. The tree
-the scheduler builds (with its CSPRNG) is recorded by wrapping ``build_tree``;
-the planner is then asked about *that* tree, with the members' real ids,
-endpoints and keys, and every peer's ``RoundStats`` must equal its prediction.
+the scheduler builds (with its CSPRNG) is recorded by wrapping ``build_tree``,
+and its ring choice by wrapping ``compact_ring_allowed``; the planner is then
+asked about *that* tree, with the members' real ids, endpoints, keys, ring
+settings and magnitude exponents, and every peer's ``RoundStats`` must equal
+its prediction. Both rings are run: the compact one (a model without float64
+tensors, every peer ``ring="auto"``) and the 64-bit one (a float64 tensor, or
+peers with ``ring="64"``).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from lightning_secagg import Peer, Scheduler
-from lightning_secagg.encoding import Schema
-from lightning_secagg.planner import Member, counter_random_bytes, predict
+from lightning_secagg.encoding import Schema, magnitude_exponents
+from lightning_secagg.planner import Member, Plan, counter_random_bytes, predict
 from lightning_secagg.protocol import scheduler_state
 from lightning_secagg.sharing import system_random_bytes
 from lightning_secagg.tree import AggregationTree
@@ -23,8 +28,9 @@ from lightning_secagg.tree import AggregationTree
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 
-def model(i: int) -> dict[str, torch.Tensor]:
-    # Several dtypes and an odd-sized tensor, so the result's 8-byte alignment counts.
+def mixed_model(i: int) -> dict[str, torch.Tensor]:
+    # Several dtypes and an odd-sized tensor, so the result's 8-byte alignment counts;
+    # the float64 tensor keeps the round in the 64-bit ring.
     return {
         "w": torch.full((257,), float(i)),
         "h": torch.full((3,), float(i), dtype=torch.float16),
@@ -33,22 +39,67 @@ def model(i: int) -> dict[str, torch.Tensor]:
     }
 
 
+def compact_model(i: int) -> dict[str, torch.Tensor]:
+    # No float64: the compact ring is allowed. Magnitudes differ per peer (peer 0
+    # is all zeros and declares -64, a two-byte msgpack int), so the sign-ups differ
+    # in size and the assignment relays the per-tensor maximum.
+    return {
+        "w": torch.linspace(-1.0, 1.0, 257) * 0.01 * i,
+        "h": torch.full((3,), 0.5 * i, dtype=torch.float16),
+        "z": torch.full((5,), -3.0 * i, dtype=torch.bfloat16),
+        "n": torch.tensor(i, dtype=torch.int64),
+        "m": torch.tensor([i % 2 == 0, True, False]),
+    }
+
+
+MODELS = {"mixed": mixed_model, "compact": compact_model}
+
+
+def all_auto(_i: int) -> str:
+    return "auto"
+
+
+def all_64(_i: int) -> str:
+    return "64"
+
+
+def third_is_64(i: int) -> str:
+    return "64" if i == 3 else "auto"
+
+
+RINGS: dict[str, Callable[[int], str]] = {
+    "auto": all_auto,
+    "64": all_64,
+    "one-64": third_is_64,
+}
+
+
 def run_round(
     monkeypatch: pytest.MonkeyPatch,
     n: int,
     group_size: int,
     num_actors: int,
     deterministic: bool,
-) -> tuple[Scheduler, AggregationTree, list[str], dict[str, Peer]]:
+    model: Callable[[int], dict[str, torch.Tensor]],
+    ring_of: Callable[[int], str],
+) -> tuple[Scheduler, AggregationTree, list[str], dict[str, Peer], list[object]]:
     built: list[tuple[AggregationTree, list[str]]] = []
+    verdicts: list[object] = []
     real_build_tree = scheduler_state.build_tree
+    real_allowed = scheduler_state.compact_ring_allowed
 
     def recording_build_tree(ids, *args, **kwargs):  # type: ignore[no-untyped-def]
         tree = real_build_tree(ids, *args, **kwargs)
         built.append((tree, list(ids)))  # ids in queue order = the assignment's member order
         return tree
 
+    def recording_allowed(schema, exponents, num_peers):  # type: ignore[no-untyped-def]
+        verdict = real_allowed(schema, exponents, num_peers)
+        verdicts.append((verdict, exponents))
+        return verdict
+
     monkeypatch.setattr(scheduler_state, "build_tree", recording_build_tree)
+    monkeypatch.setattr(scheduler_state, "compact_ring_allowed", recording_allowed)
     peers: dict[str, Peer] = {}
     errors: list[BaseException] = []
     with Scheduler(port=0, target_size=n, group_size=group_size, num_actors=num_actors) as sched:
@@ -63,6 +114,7 @@ def run_round(
                     peer_id=pid,
                     scheduler_key=sched.public_key,
                     random_bytes=rb,
+                    ring=ring_of(i),
                 ) as peer:
                     peers[pid] = peer
                     peer.aggregate(model(i), timeout=30)
@@ -77,18 +129,36 @@ def run_round(
             assert not t.is_alive(), "a peer thread hung"
     assert not errors, errors
     assert len(built) == 1
+    assert len(verdicts) == 1
     tree, order = built[0]
-    return sched, tree, order, peers
+    return sched, tree, order, peers, verdicts
 
 
 def plan_for(
-    sched: Scheduler, tree: AggregationTree, order: list[str], peers: dict[str, Peer], **kw
-):  # type: ignore[no-untyped-def]
+    sched: Scheduler,
+    tree: AggregationTree,
+    order: list[str],
+    peers: dict[str, Peer],
+    model: Callable[[int], dict[str, torch.Tensor]],
+    ring_of: Callable[[int], str],
+    **kw,
+) -> tuple[Plan, dict]:  # type: ignore[no-untyped-def]
     stats = {pid: p.last_stats for pid, p in peers.items()}
     round_ids = {s.round_id for s in stats.values() if s is not None}
     assert len(round_ids) == 1
-    members = [Member(pid, peers[pid].endpoint, peers[pid].public_key) for pid in order]
-    return predict(
+    members = []
+    for pid in order:
+        i = int(pid[1:])
+        members.append(
+            Member(
+                pid,
+                peers[pid].endpoint,
+                peers[pid].public_key,
+                ring=ring_of(i),
+                exponents=tuple(magnitude_exponents(model(i))),
+            )
+        )
+    plan = predict(
         tree,
         Schema.of(model(0)),
         members=members,
@@ -96,22 +166,48 @@ def plan_for(
         # derived per round by default (None here); any float packs to 9 bytes
         deadline_s=sched.state.round_timeout or 60.0,
         **kw,
-    ), stats
+    )
+    return plan, stats
+
+
+def assert_same_ring(plan: Plan, verdicts: list[object], ring_bits: int) -> None:
+    """The planner picked the ring the scheduler picked, with the same relayed exponents."""
+    ((verdict, exponents),) = verdicts  # type: ignore[misc]
+    assert plan.ring_bits == (64 if verdict else 32) == ring_bits
+    assert plan.ring.reason == verdict
+    if ring_bits == 32:
+        assert plan.ring.exponents == tuple(exponents)
+    assert plan.dense_bytes == ring_bits // 8 * plan.schema.vector_size
 
 
 @pytest.mark.parametrize(
-    ("n", "group_size", "num_actors"),
-    [(7, 3, 2), (9, 4, 3), (30, 3, 2)],
+    ("n", "group_size", "num_actors", "model", "rings", "ring_bits"),
+    [
+        (7, 3, 2, "mixed", "auto", 64),  # float64 tensor: 64-bit ring, exponents still declared
+        (9, 4, 3, "compact", "auto", 32),
+        (30, 3, 2, "compact", "auto", 32),
+        (7, 3, 2, "compact", "64", 64),  # nobody declares: 64-bit ring, nil in every sign-up
+        (7, 3, 2, "compact", "one-64", 64),  # one peer with ring="64" keeps the round at 64
+        (30, 3, 2, "mixed", "auto", 64),
+    ],
 )
-def test_reported_bytes_equal_the_planners_exactly(monkeypatch, n, group_size, num_actors):
-    sched, tree, order, peers = run_round(monkeypatch, n, group_size, num_actors, True)
+def test_reported_bytes_equal_the_planners_exactly(
+    monkeypatch, n, group_size, num_actors, model, rings, ring_bits
+):
+    model_fn, ring_of = MODELS[model], RINGS[rings]
+    sched, tree, order, peers, verdicts = run_round(
+        monkeypatch, n, group_size, num_actors, True, model_fn, ring_of
+    )
     plan, stats = plan_for(
         sched,
         tree,
         order,
         peers,
+        model_fn,
+        ring_of,
         random_bytes_for=lambda pid: counter_random_bytes(f"test:{pid}"),
     )
+    assert_same_ring(plan, verdicts, ring_bits)
     for pid, s in stats.items():
         predicted = plan.peer(pid)
         assert s.roles == predicted.roles, pid
@@ -121,9 +217,14 @@ def test_reported_bytes_equal_the_planners_exactly(monkeypatch, n, group_size, n
         ), pid
 
 
-def test_with_production_randomness_sent_is_exact_and_received_in_range(monkeypatch):
-    sched, tree, order, peers = run_round(monkeypatch, 7, 3, 2, False)
-    plan, stats = plan_for(sched, tree, order, peers)
+@pytest.mark.parametrize(("rings", "ring_bits"), [("auto", 32), ("64", 64)])
+def test_with_production_randomness_sent_is_exact_and_received_in_range(
+    monkeypatch, rings, ring_bits
+):
+    model_fn, ring_of = compact_model, RINGS[rings]
+    sched, tree, order, peers, verdicts = run_round(monkeypatch, 7, 3, 2, False, model_fn, ring_of)
+    plan, stats = plan_for(sched, tree, order, peers, model_fn, ring_of)
+    assert_same_ring(plan, verdicts, ring_bits)
     for pid, s in stats.items():
         predicted = plan.peer(pid)
         assert s.bytes_sent == predicted.bytes_sent, pid

@@ -164,6 +164,8 @@ def _train(tmp_path, callbacks, model=None, trainer_cls=pl.Trainer, fit_kwargs=N
         ),
         ({"max_retries": -1}, "`max_retries` must be an integer >= 0, found -1"),
         ({"max_retries": True}, "`max_retries` must be an integer >= 0, found True"),
+        ({"ring": 64}, "`ring` must be 'auto' or '64', found 64"),
+        ({"ring": "32"}, "`ring` must be 'auto' or '64', found '32'"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -191,6 +193,15 @@ def test_misconfiguration_error_is_caught_by_every_family():
     assert issubclass(
         SecureAggregationMisconfigurationError, lightning_exc.MisconfigurationException
     )
+
+
+def test_ring_reaches_the_embedded_peer():
+    from lightning_secagg.peer import Peer
+
+    default = SecureAggregationCallback(insecure=True)._create_peer()
+    assert isinstance(default, Peer) and default.ring == "auto"
+    wide = SecureAggregationCallback(insecure=True, ring="64")._create_peer()
+    assert wide.ring == "64"
 
 
 def test_arguments_are_positional_only_by_keyword():

@@ -9,11 +9,18 @@ import pytest
 from lightning_secagg import ConfigurationError
 from lightning_secagg.cli import main
 from lightning_secagg.codec import encode
-from lightning_secagg.messages import Partial, Result, Share
+from lightning_secagg.encoding import COMPACT_MAX_PEERS, Schema, TensorSpec
+from lightning_secagg.messages import Assignment, Partial, Result, Share, Signup, SignupAck
 from lightning_secagg.planner import (
+    Member,
+    RingChoice,
+    assumed_exponents,
+    default_endpoint,
     default_peer_ids,
+    members_from,
     model_schema,
     plan,
+    predict,
     wire_size,
 )
 from lightning_secagg.tree import level_sizes
@@ -44,27 +51,43 @@ def test_depth_for_1000_peers_is_the_documented_14():
     assert plan(1000, 3, 2, params=1).depth == 14
 
 
-def test_leaf_sends_one_dense_share_and_seeds_and_receives_the_result():
+@pytest.mark.parametrize(("ring", "element_bytes"), [("auto", 4), ("64", 8)])
+def test_leaf_sends_one_dense_share_and_seeds_and_receives_the_result(ring, element_bytes):
     params = 1_200_000
-    p = plan(30, 3, 2, params=params)
+    p = plan(30, 3, 2, params=params, ring=ring)
+    assert p.ring_bits == 8 * element_bytes
     leaf = next(x for x in p.peers if x.kind.startswith("leaf"))
     assert leaf.roles == ("participant@0",)
     header = len(encode(Share("0" * 16, 0, 0, leaf.peer_id, None))[0])
     seed_header = len(encode(Share("0" * 16, 0, 0, leaf.peer_id, bytes(32)))[0])
     assert seed_header == header + 33  # bin8 of 32 bytes instead of nil
     # one dense share and (k - 1) seeds: group index is a 1-byte fixint here
-    assert leaf.p2p_sent == header + 8 * (params + 1) + seed_header
+    assert leaf.p2p_sent == header + element_bytes * (params + 1) + seed_header
     result_header = len(encode(Result("0" * 16, "peer-00000000", None))[0])
     assert leaf.p2p_received == result_header + 4 * params
     assert leaf.messages_sent == 3  # 2 shares + sign-up
     assert leaf.messages_received == 3  # result + ack + assignment
 
 
+def test_a_float32_leaf_moves_twice_the_model_in_the_compact_ring_three_times_in_the_wide():
+    params = 1_000_000
+    model = 4 * params
+    compact = next(x for x in plan(30, 3, 2, params=params).peers if x.kind.startswith("leaf"))
+    wide = next(
+        x for x in plan(30, 3, 2, params=params, ring="64").peers if x.kind.startswith("leaf")
+    )
+    moved = [x.p2p_sent + x.p2p_received for x in (compact, wide)]
+    assert 2 * model < moved[0] < 2 * model + 1000
+    assert 3 * model < moved[1] < 3 * model + 1000
+
+
 def test_result_size_follows_dtype_and_alignment():
     assert model_schema(3, "float16").result_nbytes == 8  # 6 bytes, aligned to 8
     assert model_schema(3, "float64").result_nbytes == 24
     assert plan(6, 3, 2, params=3, dtype="float16").result_bytes == 8
-    assert plan(6, 3, 2, params=3).dense_bytes == 32
+    assert plan(6, 3, 2, params=3).dense_bytes == 16  # 4 ring elements of 4 bytes
+    assert plan(6, 3, 2, params=3, ring="64").dense_bytes == 32
+    assert plan(6, 3, 2, params=3, dtype="float64").dense_bytes == 32  # never compact
 
 
 def test_wire_size_counts_header_plus_real_payload():
@@ -75,6 +98,125 @@ def test_wire_size_counts_header_plus_real_payload():
     assert wire_size(seeded, schema) == len(encode(seeded)[0])
     assert wire_size(Partial("r", "a"), schema) == len(encode(Partial("r", "a"))[0]) + 808
     assert wire_size(Result("r", "a"), schema) == len(encode(Result("r", "a"))[0]) + 400
+    # the compact ring: 4-byte elements; the result stays in the model's dtype
+    assert wire_size(share, schema, 32) == len(encode(share)[0]) + 4 * 101
+    assert wire_size(seeded, schema, 32) == len(encode(seeded)[0])
+    assert wire_size(Partial("r", "a"), schema, 32) == len(encode(Partial("r", "a"))[0]) + 404
+    assert wire_size(Result("r", "a"), schema, 32) == len(encode(Result("r", "a"))[0]) + 400
+    with pytest.raises(ConfigurationError, match="ring_bits must be 32 or 64"):
+        wire_size(share, schema, 16)
+
+
+# -- the ring -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "ring_bits", "reason"),
+    [
+        ({}, 32, None),
+        ({"dtype": "float16"}, 32, None),
+        ({"dtype": "bfloat16"}, 32, None),
+        ({"dtype": "int64"}, 32, None),
+        ({"dtype": "bool"}, 32, None),
+        # A model that rules the compact ring out declares nothing (discloses nothing).
+        ({"dtype": "float64"}, 64, "declared no magnitudes"),
+        ({"ring": "64"}, 64, "asked for the 64-bit ring"),
+        # an integer tensor holding values up to 2**20: no exact mean in 32 bits
+        # (each peer alone could use it, so each declares; the round of 6 cannot)
+        ({"dtype": "int32", "exponents": [20]}, 64, "too large"),
+    ],
+)
+def test_ring_is_chosen_as_the_scheduler_chooses_it(kwargs, ring_bits, reason):
+    p = plan(6, 3, 2, params=10, **kwargs)
+    assert p.ring_bits == ring_bits
+    assert p.dense_bytes == ring_bits // 8 * 11
+    if reason is None:
+        assert p.ring.reason is None and p.ring.exponents is not None
+    else:
+        assert reason in p.ring.reason and p.ring.exponents is None
+
+
+def test_more_than_64_peers_keep_the_wide_ring():
+    assert plan(COMPACT_MAX_PEERS, 3, 2, params=1).ring_bits == 32
+    p = plan(COMPACT_MAX_PEERS + 1, 3, 2, params=1)
+    assert p.ring_bits == 64
+    assert f"{COMPACT_MAX_PEERS + 1} peers" in p.ring.reason
+
+
+def test_assumed_exponents_follow_what_peers_declare_for_each_kind_of_tensor():
+    schema = Schema(
+        (
+            TensorSpec("w", (3,), "float32"),
+            TensorSpec("e", (0,), "float32"),
+            TensorSpec("n", (), "int64"),
+            TensorSpec("m", (2,), "bool"),
+        )
+    )
+    assert assumed_exponents(schema) == [0, -64, 1, 1]
+    assert RingChoice.of(schema, [assumed_exponents(schema)] * 3).ring_bits == 32
+
+
+def test_relayed_exponents_are_the_per_tensor_maximum():
+    schema = Schema((TensorSpec("a", (2,), "float32"), TensorSpec("b", (2,), "float16")))
+    choice = RingChoice.of(schema, [[-3, 2], [1, -64], [0, 0]])
+    assert (choice.ring_bits, choice.exponents, choice.reason) == (32, (1, 2), None)
+    assert RingChoice.of(schema, [[-3, 2], None, [0, 0]]).ring_bits == 64
+
+
+def test_header_bytes_count_the_declared_and_relayed_exponents():
+    schema = Schema((TensorSpec("a", (4,), "float32"), TensorSpec("b", (4,), "float32")))
+    ids = default_peer_ids(6)
+    declared = {ids[0]: [-40, 3], ids[1]: [-2, 5], ids[2]: None}  # the third keeps to 64
+
+    def members(decl):  # type: ignore[no-untyped-def]
+        triples = [(pid, default_endpoint(i), "0" * 40) for i, pid in enumerate(ids)]
+        return members_from(triples, exponents=decl)
+
+    p = predict(plan(6, 3, 2, peer_ids=ids, schema=schema).tree, schema, members=members({}))
+    assert p.ring_bits == 32 and p.ring.exponents == (0, 0)
+    first = p.peer(ids[0])
+    signup = Signup("default", ids[0], default_endpoint(0), "0" * 40, 1.0, 32, schema.to_wire())
+    nil = len(encode(signup)[0])
+    assert first.scheduler_sent == nil - 1 + 3  # nil -> fixarray of two fixints
+
+    # A real -40 is a two-byte msgpack int; a member with ring="64" sends nil and
+    # keeps the whole round in the 64-bit ring, whose assignment relays nil.
+    q = predict(p.tree, schema, members=members(declared))
+    assert q.ring_bits == 64
+    assert q.peer(ids[0]).scheduler_sent == nil - 1 + 1 + 2 + 1
+    assert q.peer(ids[1]).scheduler_sent == nil - 1 + 3
+    assert q.peer(ids[2]).scheduler_sent == nil
+    base = dict(
+        session="default",
+        round_id="0" * 16,
+        members=[[pid, default_endpoint(i), "0" * 40] for i, pid in enumerate(ids)],
+        tree=p.tree.to_wire(),
+        group_size=3,
+        num_actors=2,
+        total_weight=6.0,
+        deadline_s=300.0,
+    )
+    wide = len(encode(Assignment(**base))[0])
+    compact = len(encode(Assignment(**base, ring_bits=32, exponents=[0, 0]))[0])
+    assert compact == wide + 2  # three exponents bytes instead of nil; fixints 32 and 64 alike
+    for plan_, assignment in ((p, compact), (q, wide)):
+        for position, pid in enumerate(ids):
+            ack = len(encode(SignupAck("default", pid, position + 1))[0])
+            assert plan_.peer(pid).scheduler_received == ack + assignment
+
+
+def test_bad_ring_or_exponents_are_refused():
+    with pytest.raises(ConfigurationError, match="ring must be one of auto, 64"):
+        plan(6, 3, 2, params=1, ring="32")
+    with pytest.raises(ConfigurationError, match="1 exponents for 2 tensors"):
+        schema = Schema((TensorSpec("a", (1,), "float32"), TensorSpec("b", (1,), "float32")))
+        plan(6, 3, 2, schema=schema, exponents=[0])
+    with pytest.raises(ConfigurationError, match=r"exponents must be in \[-64, 64\]"):
+        plan(6, 3, 2, params=1, exponents=[65])
+    tree = plan(6, 3, 2, params=1).tree
+    bad = [Member(pid, "tcp://h:1", "0" * 40, ring="32") for pid in tree.members]
+    with pytest.raises(ConfigurationError, match="ring must be"):
+        predict(tree, model_schema(1), members=bad)
 
 
 def test_conservation_every_byte_sent_is_received():
@@ -95,8 +237,9 @@ def test_only_actors_received_bytes_vary():
 
 
 def test_traffic_per_peer_grows_slowly_total_linearly():
-    small = plan(30, 3, 2, params=10_000)
-    big = plan(300, 3, 2, params=10_000)
+    # the same ring for both (beyond 64 peers a round keeps the 64-bit ring)
+    small = plan(30, 3, 2, params=10_000, ring="64")
+    big = plan(300, 3, 2, params=10_000, ring="64")
     per_peer = [sum(x.bytes_sent for x in q.peers) / q.num_peers for q in (small, big)]
     assert per_peer[1] < 1.5 * per_peer[0]
 
@@ -140,8 +283,21 @@ def test_cli_tree_prints_tree_depth_privacy_and_bytes(capsys):
     assert "all 2 actors of its level-0 group" in out
     assert "other 29 peers" in out
     assert "1,200,000 elements" in out
-    assert "9,600,008 B payload" in out
+    assert "Ring: Z_2^32 (4 B elements)" in out
+    assert "4,800,004 B payload (4 B x 1,200,001" in out
     assert "root actor" in out
+
+
+def test_cli_tree_ring_64_doubles_the_dense_payload(capsys):
+    assert main(["tree", "--target-size", "30", "--ring", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "Ring: Z_2^64 (8 B elements): a member declared no magnitudes" in out
+    assert "9,600,008 B payload (8 B x 1,200,001" in out
+    assert main(["tree", "--target-size", "6", "--dtype", "float64", "--params", "5"]) == 0
+    assert "declared no magnitudes" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["tree", "--ring", "32"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_cli_tree_is_reproducible_with_seed(capsys):
@@ -158,8 +314,19 @@ def test_cli_tree_json_matches_the_plan(capsys):
     expected = plan(9, 4, 3, params=500, dtype="float16").to_dict()
     assert data == json.loads(json.dumps(expected))
     assert data["model"]["result_bytes"] == 1000
+    assert data["model"]["dense_share_bytes"] == 4 * 501
+    assert data["ring"] == {
+        "ring_bits": 32,
+        "element_bytes": 4,
+        "exponents": [0],
+        "reason_for_64": None,
+    }
     assert len(data["peers"]) == 9
     assert data["collusion_threshold"] == 3
+    assert main([*args, "--params", "500", "--ring", "64", "--json"]) == 0
+    wide = json.loads(capsys.readouterr().out)
+    assert wide["ring"]["ring_bits"] == 64 and wide["ring"]["exponents"] is None
+    assert wide["model"]["dense_share_bytes"] == 8 * 501
 
 
 def test_cli_tree_per_peer_lists_everyone(capsys):
