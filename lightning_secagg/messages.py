@@ -135,6 +135,17 @@ def optional_exponents(value: Any) -> list[int] | None:
     return value
 
 
+def optional_round_keys(value: Any) -> list[str] | None:
+    """The members' round keys (Z85, ``""`` on insecure links), in member order; or None."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_MEMBERS:
+        raise HeaderError("round_keys must be a non-empty list or None")
+    for key in value:
+        public_key(key)
+    return value
+
+
 def ring_width(value: Any) -> int:
     """The round's ring: 32 or 64 bits."""
     if type(value) is not int or value not in (32, 64):
@@ -245,7 +256,9 @@ class Signup(Message):
     The scheduler accepts ``public_key`` only if it is the key of the
     connection the sign-up arrived on. ``exponents`` (one per tensor, or None
     for a peer that keeps to the 64-bit ring) let the scheduler pick the
-    compact ring when it is safe.
+    compact ring when it is safe. ``round_key`` is the public half of the
+    X25519 key this call seals its round traffic with (see
+    :mod:`lightning_secagg.sealing`; ``""`` on insecure links).
     """
 
     session: str
@@ -256,6 +269,7 @@ class Signup(Message):
     frac_bits: int
     schema: list[list[Any]]
     exponents: list[int] | None = None
+    round_key: str = ""
 
     TYPE: ClassVar[str] = "signup"
     FIELDS: ClassVar[dict[str, Validator]] = {
@@ -267,6 +281,7 @@ class Signup(Message):
         "frac_bits": integer(8, 52),
         "schema": schema_entries,
         "exponents": optional_exponents,
+        "round_key": public_key,
     }
 
 
@@ -315,6 +330,7 @@ class Assignment(Message):
 
     ``ring_bits`` is the round's ring; with 32, ``exponents`` holds the largest
     magnitude exponent of each tensor over the members (None with 64).
+    ``round_keys`` holds each member's round key, in the order of ``members``.
     """
 
     session: str
@@ -327,6 +343,7 @@ class Assignment(Message):
     deadline_s: float
     ring_bits: int = 64
     exponents: list[int] | None = None
+    round_keys: list[str] | None = None
 
     TYPE: ClassVar[str] = "assignment"
     FIELDS: ClassVar[dict[str, Validator]] = {
@@ -340,6 +357,7 @@ class Assignment(Message):
         "deadline_s": real(0.0, 86400.0, open_lo=True),
         "ring_bits": ring_width,
         "exponents": optional_exponents,
+        "round_keys": optional_round_keys,
     }
 
 

@@ -6,10 +6,12 @@ round the caller is blocked anyway. Driving the sockets from ``aggregate()``
 with a ``zmq.Poller`` and one deadline keeps every socket in one thread, makes
 every wait bounded, and leaves nothing running while training runs.
 
-Security: the inbox is a CURVE server and every outgoing link a CURVE client
-with the peer's own key pair, so a receiver knows exactly which key sent each
-message; round traffic is accepted only when that key is the one the
-scheduler relayed for the claimed sender (see :mod:`lightning_secagg.security`).
+Security: the link to the scheduler is a CurveZMQ client with the peer's own
+key pair (see :mod:`lightning_secagg.security`). Round traffic between peers is
+sealed with AES-256-GCM under keys derived from a fresh X25519 key per
+``aggregate()`` call, relayed by the scheduler (see :mod:`lightning_secagg.sealing`):
+a message is opened, and so accepted, only if it was sealed by the member it
+claims to come from.
 """
 
 from __future__ import annotations
@@ -68,14 +70,12 @@ from lightning_secagg.messages import (
     ident,
 )
 from lightning_secagg.protocol.peer_round import PeerRound, Send
+from lightning_secagg.sealing import Envelope, Link, RoundKey
 from lightning_secagg.security import (
     KeyPair,
-    ZapHandler,
     key_fingerprint,
     make_curve_client,
-    make_curve_server,
     read_public_key,
-    sender_key,
 )
 from lightning_secagg.sharing import RandomBytes, system_random_bytes
 from lightning_secagg.transport import (
@@ -84,6 +84,7 @@ from lightning_secagg.transport import (
     frames_nbytes,
     is_wildcard_host,
     receive_message,
+    send_frames,
     send_message,
 )
 from lightning_secagg.tree import AggregationTree
@@ -154,6 +155,24 @@ class _Round:
     members: dict[str, _Member]
     state: PeerRound
     assigned_at: float
+    #: ``(to them, from them)`` sealed links per member (empty on insecure links).
+    links: dict[str, tuple[Link, Link]]
+
+
+@dataclass(frozen=True)
+class _Inbound:
+    """A message off the inbox before it is accepted.
+
+    Sealed traffic waits as its envelope and raw frames (opened only once the
+    round, and with it the claimed sender's key, is known); on insecure links
+    it is the decoded message.
+    """
+
+    round_id: str
+    sender: str
+    envelope: Envelope | None = None
+    frames: list[memoryview] | None = None
+    message: Message | None = None
 
 
 class Peer:
@@ -277,9 +296,10 @@ class Peer:
         self._ctx: zmq.Context | None = None
         self._inbox: zmq.Socket | None = None
         self._scheduler: zmq.Socket | None = None
-        self._zap: ZapHandler | None = None
         self._outboxes: dict[str, zmq.Socket] = {}
-        self._early: deque[tuple[Message, str | None]] = deque(maxlen=MAX_EARLY_MESSAGES)
+        # Round traffic that raced ahead of our assignment, by round id: opened
+        # once the assignment (and with it the sender's key) is known.
+        self._early: deque[tuple[str, _Inbound]] = deque(maxlen=MAX_EARLY_MESSAGES)
         self._finished_rounds: deque[str] = deque(maxlen=64)
         self.endpoint: str | None = None
         self.last_stats: RoundStats | None = None
@@ -307,30 +327,25 @@ class Peer:
         # Before bind: a listener copies its options when it binds, so a limit set
         # later never reaches the connections it accepts (checked in the tests).
         inbox.maxmsgsize = self.max_message_bytes
-        zap = None
+        # A plain ZeroMQ socket: round traffic is sealed message by message
+        # (lightning_secagg.sealing), so the link itself needs no CurveZMQ.
         try:
-            if self.keys is not None:
-                zap = ZapHandler(ctx)
-                make_curve_server(inbox, self.keys)
             inbox.bind(self._bind)
-        except (zmq.ZMQError, ConfigurationError) as exc:
+        except zmq.ZMQError as exc:
             inbox.close(linger=0)
-            if zap is not None:
-                zap.close()
             ctx.term()
-            reason = exc.strerror if isinstance(exc, zmq.ZMQError) else str(exc)
-            raise ConfigurationError(f"cannot listen on {self._bind}: {reason}") from exc
+            raise ConfigurationError(f"cannot listen on {self._bind}: {exc.strerror}") from exc
         sched = ctx.socket(zmq.DEALER)
         sched.linger = int(self.linger * 1000)
         sched.maxmsgsize = codec.MAX_HEADER_BYTES
         if self.keys is not None and self.scheduler_key is not None:
             make_curve_client(sched, self.keys, self.scheduler_key)
         sched.connect(self.scheduler_address)
-        self._ctx, self._inbox, self._scheduler, self._zap = ctx, inbox, sched, zap
+        self._ctx, self._inbox, self._scheduler = ctx, inbox, sched
         self.endpoint = self._advertise or inbox.getsockopt_string(zmq.LAST_ENDPOINT)
         if self.keys is not None:
             log.info(
-                "peer %s listening on %s (CURVE, key fingerprint %s)",
+                "peer %s listening on %s (sealed round traffic, key fingerprint %s)",
                 self.peer_id,
                 self.endpoint,
                 key_fingerprint(self.keys.public),
@@ -353,10 +368,8 @@ class Peer:
         self._outboxes.clear()
         close_quietly(self._scheduler, linger_ms)
         close_quietly(self._inbox, 0)
-        if self._zap is not None:
-            self._zap.close()
         self._ctx.term()
-        self._ctx = self._inbox = self._scheduler = self._zap = None
+        self._ctx = self._inbox = self._scheduler = None
         log.info("peer %s stopped", self.peer_id)
 
     def __enter__(self) -> Peer:
@@ -423,6 +436,7 @@ class Peer:
         started = self._clock()
         deadline = started + timeout
         sent0, recv0 = self._bytes_sent, self._bytes_received
+        round_key = None if self.insecure else RoundKey()
         signup = Signup(
             self.session,
             self.peer_id,
@@ -432,6 +446,7 @@ class Peer:
             self.frac_bits,
             schema.to_wire(),
             exponents_to_declare(schema, exponents) if self.ring == "auto" else None,
+            round_key.public if round_key is not None else "",
         )
         self._send_scheduler(signup)
         # Sign-up bookkeeping: an assignment counts only after this call's SignupAck
@@ -442,9 +457,8 @@ class Peer:
         next_beat = started + self.heartbeat_interval
         rnd: _Round | None = None
         poller = zmq.Poller()
-        for sock in (self._inbox, self._scheduler, self._zap.socket if self._zap else None):
-            if sock is not None:
-                poller.register(sock, zmq.POLLIN)
+        poller.register(self._inbox, zmq.POLLIN)
+        poller.register(self._scheduler, zmq.POLLIN)
         try:
             while rnd is None or not rnd.state.done:
                 now = self._clock()
@@ -460,8 +474,6 @@ class Peer:
                     next_beat = now + self.heartbeat_interval
                 wake = min(deadline, next_beat, phase_due[0] if phase_due else deadline)
                 events = dict(poller.poll(timeout=max(1, math.ceil((wake - now) * 1000))))
-                if self._zap is not None and self._zap.socket in events:
-                    self._zap.handle()
                 if self._scheduler in events:
                     msg, _ = self._recv(self._scheduler, codec.MAX_HEADER_BYTES, FROM_SCHEDULER)
                     if isinstance(msg, SignupAck) and msg.peer_id == self.peer_id:
@@ -472,7 +484,9 @@ class Peer:
                                 "peer %s ignores stale assignment %s", self.peer_id, msg.round_id
                             )
                             continue
-                        rnd = self._accept_assignment(msg, state_dict, weight, schema, exponents)
+                        rnd = self._accept_assignment(
+                            msg, state_dict, weight, schema, exponents, round_key
+                        )
                         if rnd is not None:
                             deadline = min(deadline, rnd.assigned_at + msg.deadline_s)
                     elif isinstance(msg, Rejoin):
@@ -491,17 +505,19 @@ class Peer:
                     elif msg is not None:
                         self._on_scheduler_message(msg, rnd)
                 if self._inbox in events:
-                    msg, key = self._recv(self._inbox, codec.MAX_PEER_HEADER_BYTES, PEER_TO_PEER)
-                    if msg is None:
+                    item = self._recv_peer()
+                    if item is None:
                         continue
-                    if getattr(msg, "round_id", None) in self._finished_rounds:
+                    if item.round_id in self._finished_rounds:
                         log.debug(
-                            "peer %s ignores a %s of a finished round", self.peer_id, msg.TYPE
+                            "peer %s ignores a message of finished round %s",
+                            self.peer_id,
+                            item.round_id,
                         )
                     elif rnd is not None:
-                        self._feed(rnd, msg, key)
+                        self._feed(rnd, item)
                     else:
-                        self._early.append((msg, key))
+                        self._early.append((item.round_id, item))
         except RoundFailedError:
             if rnd is not None:
                 self._forget(rnd)
@@ -567,6 +583,7 @@ class Peer:
         weight: float,
         schema: Schema,
         exponents: list[int],
+        round_key: RoundKey | None,
     ) -> _Round | None:
         members = {pid: _Member(ep, key) for pid, ep, key in msg.members}
         if msg.session != self.session or self.peer_id not in members:
@@ -594,6 +611,9 @@ class Peer:
         plan = self._ring_plan(msg, schema, exponents, len(members))
         if plan is None:
             return None
+        links = self._links(msg, round_key)
+        if links is None:
+            return None
         state = PeerRound(
             me=self.peer_id,
             round_id=msg.round_id,
@@ -604,7 +624,7 @@ class Peer:
             result_nbytes=schema.result_nbytes,
             random_bytes=self._random_bytes,
         )
-        rnd = _Round(msg, members, state, self._clock())
+        rnd = _Round(msg, members, state, self._clock(), links)
         if self.insecure:
             log.warning("round %s runs WITHOUT ENCRYPTION (insecure=True)", msg.round_id)
         log.info(
@@ -615,11 +635,31 @@ class Peer:
             ", ".join(state.roles),
         )
         self._deliver(rnd, state.start())
-        early = [(m, k) for m, k in self._early if getattr(m, "round_id", None) == msg.round_id]
+        early = [item for rid, item in self._early if rid == msg.round_id]
         self._early.clear()
-        for m, k in early:  # shares that raced ahead of our assignment
-            self._feed(rnd, m, k)
+        for item in early:  # shares that raced ahead of our assignment
+            self._feed(rnd, item)
         return rnd
+
+    def _links(
+        self, msg: Assignment, round_key: RoundKey | None
+    ) -> dict[str, tuple[Link, Link]] | None:
+        """Sealed links with every other member, or None (logged) for a bad assignment."""
+        if round_key is None:
+            return {}
+        keys = msg.round_keys
+        if keys is None or len(keys) != len(msg.members) or "" in keys:
+            log.warning("ignoring assignment %s: members' round keys are missing", msg.round_id)
+            return None
+        relayed = {m[0]: k for m, k in zip(msg.members, keys, strict=True)}
+        if relayed[self.peer_id] != round_key.public:
+            log.warning("ignoring assignment %s: it does not relay our round key", msg.round_id)
+            return None
+        try:
+            return round_key.links(msg.round_id, self.peer_id, relayed)
+        except ValueError as exc:
+            log.warning("ignoring assignment %s: %s", msg.round_id, exc)
+            return None
 
     def _ring_plan(
         self, msg: Assignment, schema: Schema, exponents: list[int], num_peers: int
@@ -715,7 +755,7 @@ class Peer:
         if round_id not in self._finished_rounds:
             self._finished_rounds.append(round_id)
         for member in rnd.members.values():
-            sock = self._outboxes.pop(f"{member.endpoint}|{member.public_key}", None)
+            sock = self._outboxes.pop(member.endpoint, None)
             close_quietly(sock, 0)
 
     def _timeout_message(self, rnd: _Round | None, timeout: float) -> str:
@@ -753,18 +793,37 @@ class Peer:
         elif isinstance(msg, Assignment):
             log.warning("ignoring a second assignment (round %s) while in a round", msg.round_id)
 
-    def _feed(self, rnd: _Round, msg: Message, key: str | None) -> None:
-        sender = getattr(msg, "sender", None)
-        member = rnd.members.get(sender) if isinstance(sender, str) else None
-        if not self.insecure and (member is None or key != member.public_key):
-            log.warning(
-                "peer %s dropped a %s claiming to be from %s: its connection's key (%s) is "
-                "not that member's",
-                self.peer_id,
-                msg.TYPE,
-                sender,
-                key_fingerprint(key) if key else "none",
-            )
+    def _feed(self, rnd: _Round, item: _Inbound) -> None:
+        msg = item.message
+        if item.envelope is not None and item.frames is not None:
+            if item.round_id != rnd.assignment.round_id:
+                log.warning(
+                    "peer %s dropped a message of round %s (not ours)", self.peer_id, item.round_id
+                )
+                return
+            pair = rnd.links.get(item.sender)
+            if pair is None:
+                log.warning(
+                    "peer %s dropped a message claiming to be from %s: not a member of round %s",
+                    self.peer_id,
+                    item.sender,
+                    item.round_id,
+                )
+                return
+            try:
+                frames = pair[1].open(item.envelope, item.frames)
+                msg = codec.decode(frames, codec.MAX_PEER_HEADER_BYTES, PEER_TO_PEER)
+            except RemoteProtocolError as exc:
+                log.warning("peer %s dropped a sealed message: %s", self.peer_id, exc)
+                return
+            if getattr(msg, "sender", None) != item.sender or msg.round_id != item.round_id:  # type: ignore[attr-defined]
+                log.warning(
+                    "peer %s dropped a %s whose header names another sender or round than its seal",
+                    self.peer_id,
+                    msg.TYPE,
+                )
+                return
+        if msg is None:  # pragma: no cover - an _Inbound holds one or the other
             return
         try:
             sends = rnd.state.receive(msg)
@@ -780,8 +839,11 @@ class Peer:
     def _deliver(self, rnd: _Round, sends: list[Send]) -> None:
         for send in sends:
             sock = self._outbox(rnd.members[send.to])
+            frames = codec.encode(send.message)
+            if rnd.links:
+                frames = rnd.links[send.to][0].seal(frames)
             try:
-                self._bytes_sent += send_message(sock, send.message)
+                self._bytes_sent += send_frames(sock, frames, send.message.TYPE)
             except RoundFailedError as exc:
                 # A member we cannot send to has failed (or is hopelessly behind):
                 # tell the scheduler, which aborts the round for everyone.
@@ -792,18 +854,15 @@ class Peer:
                 ) from exc
 
     def _outbox(self, member: _Member) -> zmq.Socket:
-        key = f"{member.endpoint}|{member.public_key}"
-        sock = self._outboxes.get(key)
+        sock = self._outboxes.get(member.endpoint)
         if sock is None:
             if self._ctx is None:  # pragma: no cover - aggregate() checks first
                 raise LocalProtocolError("peer is stopped")
             sock = self._ctx.socket(zmq.PUSH)
             sock.linger = int(self.linger * 1000)
             sock.sndhwm = 10_000
-            if self.keys is not None:
-                make_curve_client(sock, self.keys, member.public_key)
             sock.connect(member.endpoint)
-            self._outboxes[key] = sock
+            self._outboxes[member.endpoint] = sock
         return sock
 
     def _send_scheduler(self, msg: Message) -> None:
@@ -811,15 +870,29 @@ class Peer:
 
     def _recv(
         self, sock: zmq.Socket, max_header: int, allowed: tuple[type[Message], ...]
-    ) -> tuple[Message | None, str | None]:
+    ) -> tuple[Message | None, None]:
         frames = sock.recv_multipart(copy=False)
         self._bytes_received += frames_nbytes(frames)
-        key = sender_key(frames[0]) if not self.insecure else None
         try:
-            return receive_message(frames, max_header, allowed), key
+            return receive_message(frames, max_header, allowed), None
         except RemoteProtocolError as exc:
             log.warning("peer %s dropped a malformed message: %s", self.peer_id, exc)
-            return None, key
+            return None, None
+
+    def _recv_peer(self) -> _Inbound | None:
+        """One message off the inbox: its envelope read (sealed) or decoded (insecure)."""
+        frames = self._inbox.recv_multipart(copy=False)  # type: ignore[union-attr]
+        self._bytes_received += frames_nbytes(frames)
+        try:
+            if self.insecure:
+                msg = receive_message(frames, codec.MAX_PEER_HEADER_BYTES, PEER_TO_PEER)
+                return _Inbound(msg.round_id, msg.sender, message=msg)  # type: ignore[attr-defined]
+            buffers = [f.buffer for f in frames]
+            envelope = Envelope.unpack(buffers[0])
+        except RemoteProtocolError as exc:
+            log.warning("peer %s dropped a malformed message: %s", self.peer_id, exc)
+            return None
+        return _Inbound(envelope.round_id, envelope.sender, envelope, buffers)
 
     def _give_up(self, rnd: _Round | None, reason: str | None = None) -> None:
         try:

@@ -81,6 +81,19 @@ def send_message(socket: zmq.Socket, message: Message, prefix: Sequence[bytes] =
     return frames_nbytes(frames[len(prefix) :])
 
 
+def send_frames(socket: zmq.Socket, frames: Sequence[Any], what: str) -> int:
+    """Send ready frames (e.g. a sealed message) without blocking; return their size.
+
+    Raises:
+        RoundFailedError: ZeroMQ could not queue the message.
+    """
+    try:
+        socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+    except zmq.ZMQError as exc:
+        raise RoundFailedError(f"could not send {what}: {exc.strerror}") from exc
+    return frames_nbytes(frames)
+
+
 def receive_message(
     frames: Sequence[zmq.Frame],
     max_header_bytes: int,
@@ -107,5 +120,6 @@ __all__ = [
     "frames_nbytes",
     "is_wildcard_host",
     "receive_message",
+    "send_frames",
     "send_message",
 ]

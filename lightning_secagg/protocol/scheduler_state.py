@@ -420,6 +420,7 @@ class SchedulerState:
             deadline_s=budget,
             ring_bits=ring,
             exponents=exponents if ring == 32 else None,
+            round_keys=[w.signup.round_key for w in chosen],
         )
         return [Outgoing(w.conn, assignment) for w in chosen]
 

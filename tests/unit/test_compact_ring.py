@@ -1098,17 +1098,19 @@ def test_a_refused_ring_means_the_assignment_is_not_joined(caplog):
     peer = make_peer()
     sent = []
     peer._deliver = lambda rnd, sends: sent.extend(sends)  # no sockets in this test
-    ok = peer._accept_assignment(assignment(32, [2, 4, 1]), PEER_SD, 1.0, PEER_SCHEMA, PEER_EXPS)
+    ok = peer._accept_assignment(
+        assignment(32, [2, 4, 1]), PEER_SD, 1.0, PEER_SCHEMA, PEER_EXPS, None
+    )
     assert ok is not None
     assert ok.state.dtype == U32 and ok.state.size == PEER_SCHEMA.vector_size
     assert sent  # its level-0 shares went out
     wide = make_peer()
     wide._deliver = lambda rnd, sends: None
-    rnd = wide._accept_assignment(assignment(64, None), PEER_SD, 1.0, PEER_SCHEMA, PEER_EXPS)
+    rnd = wide._accept_assignment(assignment(64, None), PEER_SD, 1.0, PEER_SCHEMA, PEER_EXPS, None)
     assert rnd is not None and rnd.state.dtype == np.dtype("<u8")
     refused = make_peer()
     refused._deliver = lambda rnd, sends: pytest.fail("a refused round must send nothing")
     with caplog.at_level(logging.WARNING, logger="lightning_secagg.peer"):
         low = assignment(32, [2, 3, 1])
-        assert refused._accept_assignment(low, PEER_SD, 1.0, PEER_SCHEMA, PEER_EXPS) is None
+        assert refused._accept_assignment(low, PEER_SD, 1.0, PEER_SCHEMA, PEER_EXPS, None) is None
     assert "below this peer's own" in caplog.text
