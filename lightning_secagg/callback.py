@@ -376,7 +376,9 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
             # The model is known now: bound the inbox's frames to what its rounds
             # need, so a stranger cannot make this process buffer a huge frame.
-            self._max_message_bytes = required_message_bytes(Schema.of(pl_module.state_dict()))
+            self._max_message_bytes = required_message_bytes(
+                Schema.of(pl_module.state_dict()), sealed=not self.insecure
+            )
             self._peer = self._create_peer()
             try:
                 self._peer.start()

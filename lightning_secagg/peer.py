@@ -70,7 +70,7 @@ from lightning_secagg.messages import (
     ident,
 )
 from lightning_secagg.protocol.peer_round import PeerRound, Send
-from lightning_secagg.sealing import Envelope, Link, RoundKey
+from lightning_secagg.sealing import CHUNK_BYTES, TAG_BYTES, Envelope, Link, RoundKey
 from lightning_secagg.security import (
     KeyPair,
     key_fingerprint,
@@ -98,14 +98,19 @@ MAX_EARLY_MESSAGES = 256
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 
 
-def required_message_bytes(schema: Schema) -> int:
+def required_message_bytes(schema: Schema, *, sealed: bool = True) -> int:
     """The largest frame a round of this model sends a peer, plus a margin.
 
     A good ``max_message_bytes`` for a peer that only ever averages this model:
-    anything larger on its inbox is cut before it is buffered. The margin
-    covers a header frame and CurveZMQ's per-frame overhead.
+    anything larger on its inbox is cut before it is buffered. Sealed traffic
+    (the default) travels in chunks of at most ``sealing.CHUNK_BYTES`` plus a
+    tag, so the bound stops growing with the model; plaintext (``insecure``)
+    payloads are one frame. The margin covers a header frame.
     """
-    return max(8 * schema.vector_size, schema.result_nbytes) + codec.MAX_PEER_HEADER_BYTES
+    largest = max(8 * schema.vector_size, schema.result_nbytes)
+    if sealed:
+        largest = min(largest, CHUNK_BYTES) + TAG_BYTES
+    return largest + codec.MAX_PEER_HEADER_BYTES
 
 
 @dataclass(frozen=True)
@@ -200,8 +205,9 @@ class Peer:
         linger: Seconds :meth:`stop` lets queued messages leave.
         max_message_bytes: Largest frame the inbox accepts; ZeroMQ cuts the
             connection of anyone who sends more, before allocating it. Must hold
-            a dense share (8 bytes per element, plus one count slot) and the
-            decoded result; :meth:`aggregate` refuses a model that does not fit.
+            the largest frame of a round, :func:`required_message_bytes`: a
+            sealed payload chunk (at most 16 MiB) or, on insecure links, a whole
+            dense share or result; :meth:`aggregate` refuses a model that does not fit.
         random_bytes: Randomness for shares (``os.urandom``; injectable for tests).
         clock: Monotonic clock (injectable for tests).
         heartbeat_interval: Seconds between heartbeats to the scheduler while
@@ -568,7 +574,7 @@ class Peer:
     def _check_inbox_limit(self, schema: Schema) -> None:
         # The inbox's limit is fixed at bind time (see start()); a model whose shares
         # would be cut by it is refused here, before sign-up, rather than timing out.
-        need = required_message_bytes(schema)
+        need = required_message_bytes(schema, sealed=not self.insecure)
         if need > self.max_message_bytes:
             raise ConfigurationError(
                 f"this model's shares need frames of {need} bytes, above "

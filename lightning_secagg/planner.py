@@ -68,6 +68,7 @@ from lightning_secagg.messages import (
     SignupAck,
 )
 from lightning_secagg.protocol.peer_round import PeerRound, Send
+from lightning_secagg.sealing import CHUNK_BYTES, TAG_BYTES, Envelope
 from lightning_secagg.sharing import SEED_BYTES, RandomBytes
 from lightning_secagg.tree import AggregationTree, build_tree, privacy_warnings
 
@@ -564,27 +565,48 @@ def _describe_schema(schema: Schema) -> str:
     return f"{len(schema.tensors)} tensors, {'/'.join(dtypes)}"
 
 
-def wire_size(message: Message, schema: Schema, ring_bits: int = 64) -> int:
-    """Bytes ``message`` takes on the wire for a model of ``schema``.
+def payload_size(message: Message, schema: Schema, ring_bits: int = 64) -> int:
+    """Bytes of ``message``'s payload for a model of ``schema`` (0 without one).
 
-    The header is encoded by the real codec; the payload is sized for the real
-    model (the simulation runs on one-element vectors): ``ring_bits / 8`` bytes
-    per element of a dense share or a partial sum.
-
-    Raises:
-        ConfigurationError: ``ring_bits`` is not 32 or 64.
+    ``ring_bits / 8`` bytes per element of a dense share or a partial sum; a
+    result holds every tensor in its own dtype.
     """
     if ring_bits not in RING_DTYPES:
         raise ConfigurationError(f"ring_bits must be 32 or 64, got {ring_bits!r}")
     dense = ring_bits // 8 * schema.vector_size
-    header = len(codec.encode(message)[0])
     if isinstance(message, Share):
-        return header + (dense if message.seed is None else 0)
+        return dense if message.seed is None else 0
     if isinstance(message, Partial):
-        return header + dense
+        return dense
     if isinstance(message, Result):
-        return header + schema.result_nbytes
-    return header
+        return schema.result_nbytes
+    return 0
+
+
+def wire_size(
+    message: Message, schema: Schema, ring_bits: int = 64, *, seal: Envelope | None = None
+) -> int:
+    """Bytes ``message`` takes on the wire for a model of ``schema``.
+
+    The header is encoded by the real codec; the payload is sized for the real
+    model (the simulation runs on one-element vectors), see :func:`payload_size`.
+    With ``seal`` (the envelope of sealed round traffic between peers, see
+    :mod:`lightning_secagg.sealing`), the envelope frame and one 16-byte tag per
+    sealed part (the header, then each chunk of the payload) are added.
+
+    Raises:
+        ConfigurationError: ``ring_bits`` is not 32 or 64.
+    """
+    payload = payload_size(message, schema, ring_bits)
+    size = len(codec.encode(message)[0]) + payload
+    if seal is not None:
+        size += len(seal.pack()) + TAG_BYTES * sealed_parts(payload)
+    return size
+
+
+def sealed_parts(payload_bytes: int) -> int:
+    """Sealed parts of a message with this payload: its header and each chunk."""
+    return 1 + -(-payload_bytes // CHUNK_BYTES)
 
 
 _TINY_RESULT_BYTES = 8
@@ -678,18 +700,30 @@ def predict(
     ring = RingChoice.of(schema, declared)
     ring_bits = ring.ring_bits
     states, delivered = _simulate(tree, round_id, random_bytes_for, ring_bits)
+    sealed = all(m.public_key for m in members)  # an insecure round sends plaintext
+    next_seq: dict[tuple[str, str], int] = {}
     p2p_sent = dict.fromkeys(states, 0)
     p2p_recv = dict.fromkeys(states, 0)
     n_sent = dict.fromkeys(states, 0)
     n_recv = dict.fromkeys(states, 0)
     dense_got: dict[tuple[str, int, int], int] = {}
-    # A dense share instead of a seed: header bin8(32) -> nil, plus the payload.
-    dense_extra = ring.element_bytes * schema.vector_size - SEED_BYTES - 1
+    # A dense share instead of a seed: header bin8(32) -> nil, plus the payload
+    # (and, sealed, a tag per payload chunk; the envelope's part count stays a fixint).
+    dense_payload = ring.element_bytes * schema.vector_size
+    dense_extra = dense_payload - SEED_BYTES - 1
+    if sealed:
+        dense_extra += TAG_BYTES * (sealed_parts(dense_payload) - 1)
     for send in delivered:
         sender = getattr(send.message, "sender", None)
-        size = wire_size(send.message, schema, ring_bits)
         if not isinstance(sender, str):  # pragma: no cover - every peer message names its sender
             raise RuntimeError(f"message without a sender: {send.message!r}")
+        envelope = None
+        if sealed:
+            seq = next_seq.get((sender, send.to), 0)
+            next_seq[(sender, send.to)] = seq + 1
+            parts = sealed_parts(payload_size(send.message, schema, ring_bits))
+            envelope = Envelope(round_id, sender, seq, parts)
+        size = wire_size(send.message, schema, ring_bits, seal=envelope)
         p2p_sent[sender] += size
         n_sent[sender] += 1
         p2p_recv[send.to] += size
@@ -720,6 +754,7 @@ def predict(
         deadline_s=float(deadline_s),
         ring_bits=ring_bits,
         exponents=list(ring.exponents) if ring.exponents is not None else None,
+        round_keys=[_PLACEHOLDER_KEY if sealed else "" for _ in members],
     )
     assignment_bytes = wire_size(assignment, schema, ring_bits)
     plans = []
@@ -733,6 +768,7 @@ def predict(
             schema.frac_bits,
             schema.to_wire(),
             exponents,
+            _PLACEHOLDER_KEY if sealed else "",
         )
         ack = SignupAck(session, m.peer_id, position + 1)
         state = states[m.peer_id]

@@ -35,6 +35,7 @@ state machine refuses; in any other round no key opens it.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,7 +143,10 @@ class RoundKey:
         for other, key in members.items():
             if other == me:
                 continue
-            raw = zmq.utils.z85.decode(key.encode())
+            try:
+                raw = zmq.utils.z85.decode(key.encode())
+            except (ValueError, KeyError, struct.error):  # out of the alphabet or the range
+                raise ValueError(f"round key of {other} is not valid Z85") from None
             if len(raw) != 32:
                 raise ValueError(f"round key of {other} is not 32 bytes")
             shared = self._secret.exchange(X25519PublicKey.from_public_bytes(raw))

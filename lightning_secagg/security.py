@@ -1,15 +1,15 @@
-"""CurveZMQ keys and the ZAP handler that ties every connection to its CURVE key.
+"""CurveZMQ keys and the ZAP handler that ties every scheduler connection to its CURVE key.
 
-Every link is CURVE-encrypted and authenticated unless a user explicitly asks
-for ``insecure=True``. Scheduler and peers are CURVE *servers* for the
-sockets they listen on; their ZAP handler (a REP socket on
-``inproc://zeromq.zap.01`` in their own ZeroMQ context, polled by the thread
+Every link to the scheduler is CURVE-encrypted and authenticated unless a user
+explicitly asks for ``insecure=True`` (round traffic between peers is sealed
+message by message instead, see :mod:`lightning_secagg.sealing`). The
+scheduler is a CURVE *server*; its ZAP handler (a REP socket on
+``inproc://zeromq.zap.01`` in its own ZeroMQ context, polled by the thread
 that owns the other sockets) accepts any well-formed CURVE client and stamps
 its public key as the connection's ``User-Id``. Authorization happens per
 message: the scheduler accepts a sign-up only with the key it arrived on, and
-a peer accepts round traffic only when the ``User-Id`` of the connection is
-the key the scheduler relayed for the claimed sender. Nothing is trusted
-because a header says so.
+a ``done``, ``abort`` or ``leave`` only from the key holding the peer id.
+Nothing is trusted because a header says so.
 
 Key files use pyzmq's certificate format (``zmq.auth``): ``NAME.key`` holds the
 public key, ``NAME.key_secret`` both keys and should stay private.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def is_z85_key(value: str) -> bool:
         return False
     try:
         return len(zmq.utils.z85.decode(value.encode())) == 32
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, struct.error):  # struct: a group above 2**32 - 1
         return False
 
 

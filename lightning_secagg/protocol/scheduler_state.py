@@ -31,6 +31,7 @@ from lightning_secagg.messages import (
     SignupAck,
     SignupRejected,
 )
+from lightning_secagg.security import is_z85_key
 from lightning_secagg.tree import AggregationTree, ShuffleRandom, build_tree, validate_tree_params
 
 log = logging.getLogger(__name__)
@@ -297,6 +298,9 @@ class SchedulerState:
                     SignupRejected(msg.session, msg.peer_id, "bad_schema", f"bad schema: {exc}"),
                 )
             ]
+        if msg.round_key and not is_z85_key(msg.round_key):
+            reason = "the round key is not a valid Z85 public key"
+            return [Outgoing(conn, SignupRejected(msg.session, msg.peer_id, "bad_key", reason))]
         if msg.exponents is not None and len(msg.exponents) != len(schema.tensors):
             reason = f"{len(msg.exponents)} magnitude exponents for {len(schema.tensors)} tensors"
             return [Outgoing(conn, SignupRejected(msg.session, msg.peer_id, "bad_schema", reason))]

@@ -23,6 +23,7 @@ from lightning_secagg.planner import (
     predict,
     wire_size,
 )
+from lightning_secagg.sealing import Envelope
 from lightning_secagg.tree import level_sizes
 
 
@@ -61,10 +62,18 @@ def test_leaf_sends_one_dense_share_and_seeds_and_receives_the_result(ring, elem
     header = len(encode(Share("0" * 16, 0, 0, leaf.peer_id, None))[0])
     seed_header = len(encode(Share("0" * 16, 0, 0, leaf.peer_id, bytes(32)))[0])
     assert seed_header == header + 33  # bin8 of 32 bytes instead of nil
+    # Sealed round traffic: an envelope ([version, round, sender, seq, parts]) and a
+    # 16-byte tag per sealed part (the header; each payload chunk) on every message.
+    def envelope(sender: str, parts: int) -> int:
+        return len(Envelope("0" * 16, sender, 0, parts).pack())
+
     # one dense share and (k - 1) seeds: group index is a 1-byte fixint here
-    assert leaf.p2p_sent == header + element_bytes * (params + 1) + seed_header
+    assert leaf.p2p_sent == (
+        envelope(leaf.peer_id, 2) + header + 16 + element_bytes * (params + 1) + 16
+    ) + (envelope(leaf.peer_id, 1) + seed_header + 16)
     result_header = len(encode(Result("0" * 16, "peer-00000000", None))[0])
-    assert leaf.p2p_received == result_header + 4 * params
+    sender = "peer-00000000"  # ids have one length: the envelope's size does not depend on it
+    assert leaf.p2p_received == envelope(sender, 2) + result_header + 16 + 4 * params + 16
     assert leaf.messages_sent == 3  # 2 shares + sign-up
     assert leaf.messages_received == 3  # result + ack + assignment
 
@@ -175,7 +184,10 @@ def test_header_bytes_count_the_declared_and_relayed_exponents():
     p = predict(plan(6, 3, 2, peer_ids=ids, schema=schema).tree, schema, members=members({}))
     assert p.ring_bits == 32 and p.ring.exponents == (0, 0)
     first = p.peer(ids[0])
-    signup = Signup("default", ids[0], default_endpoint(0), "0" * 40, 1.0, 32, schema.to_wire())
+    # Sealed rounds: every sign-up carries a 40-character round key.
+    signup = Signup(
+        "default", ids[0], default_endpoint(0), "0" * 40, 1.0, 32, schema.to_wire(), None, "0" * 40
+    )
     nil = len(encode(signup)[0])
     assert first.scheduler_sent == nil - 1 + 3  # nil -> fixarray of two fixints
 
@@ -195,6 +207,7 @@ def test_header_bytes_count_the_declared_and_relayed_exponents():
         num_actors=2,
         total_weight=6.0,
         deadline_s=300.0,
+        round_keys=["0" * 40] * 6,
     )
     wide = len(encode(Assignment(**base))[0])
     compact = len(encode(Assignment(**base, ring_bits=32, exponents=[0, 0]))[0])

@@ -242,6 +242,29 @@ def test_signup_key_must_be_the_connection_key():
     assert messages(out, SignupAck)
 
 
+def test_a_round_key_that_is_not_z85_is_refused_and_good_ones_are_relayed():
+    """A key in the Z85 alphabet whose groups overflow 32 bits would crash the
+    members' key derivation: the scheduler refuses it at sign-up (``bad_key``)."""
+    from lightning_secagg.sealing import RoundKey
+
+    state, _ = make_state(target=3)
+    bad = Signup("s", "p0", "tcp://h:1", "", 1.0, 32, SCHEMA.to_wire(), None, "#" * 40)
+    out = state.receive(conn(0), bad)
+    assert [o.message.code for o in out] == ["bad_key"]
+    keys = [RoundKey().public for _ in range(3)]
+    out = []
+    for i, key in enumerate(keys):
+        ok = Signup(
+            "s", f"p{i}", f"tcp://h:{i + 1}", "", 1.0, 32, SCHEMA.to_wire(), None, key
+        )  # fmt: skip
+        out += state.receive(conn(i), ok)
+    assignments = [m for _, m in messages(out, Assignment)]
+    assert len(assignments) == 3 and all(a == assignments[0] for a in assignments)
+    assignment = assignments[0]
+    relayed = dict(zip([m[0] for m in assignment.members], assignment.round_keys, strict=True))
+    assert relayed == {f"p{i}": key for i, key in enumerate(keys)}
+
+
 def test_resignup_replaces_the_queued_entry():
     state, _ = make_state(target=3)
     state.receive(conn(0), signup(0))
