@@ -800,37 +800,49 @@ class Peer:
             log.warning("ignoring a second assignment (round %s) while in a round", msg.round_id)
 
     def _feed(self, rnd: _Round, item: _Inbound) -> None:
-        msg = item.message
-        if item.envelope is not None and item.frames is not None:
-            if item.round_id != rnd.assignment.round_id:
-                log.warning(
-                    "peer %s dropped a message of round %s (not ours)", self.peer_id, item.round_id
-                )
-                return
-            pair = rnd.links.get(item.sender)
-            if pair is None:
-                log.warning(
-                    "peer %s dropped a message claiming to be from %s: not a member of round %s",
-                    self.peer_id,
-                    item.sender,
-                    item.round_id,
-                )
-                return
-            try:
-                frames = pair[1].open(item.envelope, item.frames)
-                msg = codec.decode(frames, codec.MAX_PEER_HEADER_BYTES, PEER_TO_PEER)
-            except RemoteProtocolError as exc:
-                log.warning("peer %s dropped a sealed message: %s", self.peer_id, exc)
-                return
-            if getattr(msg, "sender", None) != item.sender or msg.round_id != item.round_id:  # type: ignore[attr-defined]
-                log.warning(
-                    "peer %s dropped a %s whose header names another sender or round than its seal",
-                    self.peer_id,
-                    msg.TYPE,
-                )
-                return
-        if msg is None:  # pragma: no cover - an _Inbound holds one or the other
-            return
+        msg = self._open(rnd, item)
+        if msg is not None:
+            self._feed_message(rnd, msg)
+
+    def _open(self, rnd: _Round, item: _Inbound) -> Message | None:
+        """The message inside ``item`` once it proves to come from the member it names;
+        None (logged) otherwise. Insecure links carry it decoded and unproven."""
+        if item.envelope is None or item.frames is None:
+            return item.message
+        if item.round_id != rnd.assignment.round_id:
+            log.warning(
+                "peer %s dropped a message of round %s (not ours)", self.peer_id, item.round_id
+            )
+            return None
+        pair = rnd.links.get(item.sender)
+        if pair is None:
+            log.warning(
+                "peer %s dropped a message claiming to be from %s: not a member of round %s",
+                self.peer_id,
+                item.sender,
+                item.round_id,
+            )
+            return None
+        try:
+            frames = pair[1].open(item.envelope, item.frames)
+            msg = codec.decode(frames, codec.MAX_PEER_HEADER_BYTES, PEER_TO_PEER)
+        except RemoteProtocolError as exc:
+            log.warning("peer %s dropped a sealed message: %s", self.peer_id, exc)
+            return None
+        if (getattr(msg, "sender", None), getattr(msg, "round_id", None)) != (
+            item.sender,
+            item.round_id,
+        ):
+            log.warning(
+                "peer %s dropped a %s whose header names another sender or round than its seal",
+                self.peer_id,
+                msg.TYPE,
+            )
+            return None
+        return msg
+
+    def _feed_message(self, rnd: _Round, msg: Message) -> None:
+        """Hand an accepted message to the round and send what it answers."""
         try:
             sends = rnd.state.receive(msg)
         except RemoteProtocolError as exc:

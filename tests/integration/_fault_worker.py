@@ -70,8 +70,8 @@ class FaultyPeer(Peer):
             self._die(rnd)
         super()._deliver(rnd, sends)
 
-    def _feed(self, rnd: Any, msg: Message, key: str | None) -> None:
-        super()._feed(rnd, msg, key)
+    def _feed_message(self, rnd: Any, msg: Message) -> None:
+        super()._feed_message(rnd, msg)
         if not isinstance(msg, Share) or self._role(rnd) != self.die_role:
             return
         level = 0 if self.die_role == "actor" else rnd.state.tree.depth - 1

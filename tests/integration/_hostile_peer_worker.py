@@ -3,7 +3,7 @@
 stdout (one line each, flushed)::
 
     READY {"peer_id", "endpoint", "key"}           after start()
-    ASSIGNED {"round_id", "tree", "members"}       when an assignment is accepted
+    ASSIGNED {"round_id", "tree", "members", "round_keys"}  when an assignment arrives
     RESULT {"round", "round_id", "digest", "values"} after each round
     FAILED {"round", "error"}                      a round raised (the test fails on it)
 
@@ -11,7 +11,9 @@ stdin: ``go`` runs one round; ``stall S`` runs one round but waits S seconds
 after the assignment before sending its own shares (so a test can race forged
 shares against the real ones); ``quit`` (or EOF) ends the process. The model
 is the same every round, so every round's result must be bitwise identical.
-Warnings (every dropped message) go to stderr, which the test keeps.
+Warnings (every dropped message) go to stderr, which the test keeps, and so
+does the one debug line that says a message of a finished round was ignored
+(the replay test counts those).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from lightning_secagg import Peer
 from tests.integration._peer_worker import make_state
 
 
+FINISHED_ROUND_LOG = "peer %s ignores a message of finished round"
+
+
 def emit(tag: str, payload: dict[str, Any]) -> None:
     print(f"{tag} {json.dumps(payload)}", flush=True)
 
@@ -46,11 +51,25 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    # Round traffic of a finished round is ignored with a debug line: let exactly
+    # that line through too, so the test can count it like a drop.
+    logging.getLogger("lightning_secagg.peer").setLevel(logging.DEBUG)
+    logging.getLogger().handlers[0].addFilter(
+        lambda r: r.levelno >= logging.WARNING or str(r.msg).startswith(FINISHED_ROUND_LOG)
+    )
     stall = {"seconds": 0.0}
     original = Peer._accept_assignment
 
     def accept_assignment(self: Peer, msg: Any, *rest: Any) -> Any:
-        emit("ASSIGNED", {"round_id": msg.round_id, "tree": msg.tree, "members": msg.members})
+        emit(
+            "ASSIGNED",
+            {
+                "round_id": msg.round_id,
+                "tree": msg.tree,
+                "members": msg.members,
+                "round_keys": msg.round_keys,
+            },
+        )
         if stall["seconds"]:
             time.sleep(stall["seconds"])  # a slow member: its shares come last
         return original(self, msg, *rest)
