@@ -31,7 +31,6 @@ import torch
 from lightning_secagg import Peer
 from tests.integration._peer_worker import make_state
 
-
 FINISHED_ROUND_LOG = "peer %s ignores a message of finished round"
 
 

@@ -7,6 +7,7 @@ with its formatted message, arguments, exception and stack. Then the logs are
 searched for the round's secrets, in every spelling a log could use:
 
 * the scheduler's and every peer's CURVE secret key (Z85, raw bytes' hex and repr);
+* every peer's per-call X25519 round key (the secret half that seals round traffic);
 * every seed the peers drew (recorded by injecting ``random_bytes``);
 * the first words of every dense share and partial sum a peer sent;
 * the model: a planted pattern's raw bytes (hex, repr, latin-1) and its values' text.
@@ -27,11 +28,13 @@ import pytest
 import torch
 import zmq
 
+import lightning_secagg.codec as codec_module
 import lightning_secagg.peer as peer_module
 from lightning_secagg import KeyPair, Peer, RoundTimeoutError, Scheduler
 from lightning_secagg.codec import encode
 from lightning_secagg.messages import Message, Partial, Share
-from lightning_secagg.security import key_fingerprint, make_curve_client
+from lightning_secagg.sealing import RoundKey
+from lightning_secagg.security import key_fingerprint
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -82,19 +85,26 @@ def test_debug_logs_of_a_round_hold_no_secret():
             logging.getLogger(name).setLevel(logging.DEBUG)
     seeds: list[bytes] = []
     dense: list[bytes] = []
-    original_send = peer_module.send_message
+    round_keys: list[RoundKey] = []
+    original_encode = codec_module.encode
 
-    def recording_send(sock: Any, message: Message, prefix: Any = ()) -> int:
+    def recording_encode(message: Message) -> list[Any]:
         if isinstance(message, Share | Partial) and message.payload is not None:
             dense.append(message.payload[:8].tobytes())
-        return original_send(sock, message, prefix)
+        return original_encode(message)
+
+    class RecordingRoundKey(RoundKey):
+        def __init__(self) -> None:
+            super().__init__()
+            round_keys.append(self)
 
     def recording_random(n: int) -> bytes:
         data = os.urandom(n)
         seeds.append(data)
         return data
 
-    peer_module.send_message = recording_send  # type: ignore[assignment]
+    codec_module.encode = recording_encode  # type: ignore[assignment]
+    peer_module.RoundKey = RecordingRoundKey  # type: ignore[misc]
     peer_keys = [KeyPair.generate() for _ in range(N_PEERS + 1)]
     sched_keys = KeyPair.generate()
     results: list[Any] = [None] * (N_PEERS + 1)
@@ -131,10 +141,8 @@ def test_debug_logs_of_a_round_hold_no_secret():
             ctx = zmq.Context()
             try:  # an outsider: a forged share, and junk, to every peer
                 for i in range(N_PEERS):
-                    s = ctx.socket(zmq.PUSH)
+                    s = ctx.socket(zmq.PUSH)  # peers' inboxes take plain connections
                     s.linger = 1000
-                    outsider = KeyPair.generate()
-                    make_curve_client(s, outsider, peer_keys[i].public)
                     s.connect(endpoints[i])
                     s.send_multipart(encode(Share("x", 0, 0, f"p{(i + 1) % N_PEERS}", bytes(32))))
                     s.send_multipart([b"\x93junk"])
@@ -145,7 +153,8 @@ def test_debug_logs_of_a_round_hold_no_secret():
                 t.join(60)
                 assert not t.is_alive(), "a peer hung"
     finally:
-        peer_module.send_message = original_send  # type: ignore[assignment]
+        codec_module.encode = original_encode  # type: ignore[assignment]
+        peer_module.RoundKey = RoundKey  # type: ignore[misc]
         logger.removeHandler(handler)
         logger.setLevel(old_level)
 
@@ -163,6 +172,10 @@ def test_debug_logs_of_a_round_hold_no_secret():
         raw = zmq.utils.z85.decode(keys.secret.encode())
         for j, s in enumerate(spellings(raw)):
             needles[f"{who} secret key #{j}"] = s
+    assert len(round_keys) == N_PEERS + 1
+    for n, key in enumerate(round_keys):
+        for j, s in enumerate(spellings(key._secret.private_bytes_raw())):
+            needles[f"round key {n} #{j}"] = s
     assert len(seeds) >= N_PEERS
     for n, seed in enumerate(seeds):
         for j, s in enumerate(spellings(seed)):
