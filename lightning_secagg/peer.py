@@ -93,6 +93,9 @@ log = logging.getLogger(__name__)
 
 #: Messages of rounds we have not been assigned yet, kept until the assignment arrives.
 MAX_EARLY_MESSAGES = 256
+#: Bytes of such messages kept at most, beyond what the model's own shares need
+#: (see ``Peer._early_budget``): the oldest are dropped first.
+EARLY_BYTES_MARGIN = 1 << 20
 #: Default cap on one frame arriving at the inbox (``ZMQ_MAXMSGSIZE``): 1 GiB,
 #: enough for the dense share of a ~130M-parameter model.
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
@@ -305,7 +308,9 @@ class Peer:
         self._outboxes: dict[str, zmq.Socket] = {}
         # Round traffic that raced ahead of our assignment, by round id: opened
         # once the assignment (and with it the sender's key) is known.
-        self._early: deque[tuple[str, _Inbound]] = deque(maxlen=MAX_EARLY_MESSAGES)
+        self._early: deque[tuple[str, _Inbound, int]] = deque(maxlen=MAX_EARLY_MESSAGES)
+        self._early_bytes = 0
+        self._early_budget = EARLY_BYTES_MARGIN
         self._finished_rounds: deque[str] = deque(maxlen=64)
         self.endpoint: str | None = None
         self.last_stats: RoundStats | None = None
@@ -439,6 +444,8 @@ class Peer:
         schema = Schema.of(state_dict, self.frac_bits)
         exponents = magnitude_exponents(state_dict, self.frac_bits)
         self._check_inbox_limit(schema)
+        # Messages racing ahead of our assignment: a few shares of this model at most.
+        self._early_budget = 4 * 8 * schema.vector_size + EARLY_BYTES_MARGIN
         started = self._clock()
         deadline = started + timeout
         sent0, recv0 = self._bytes_sent, self._bytes_received
@@ -523,7 +530,7 @@ class Peer:
                     elif rnd is not None:
                         self._feed(rnd, item)
                     else:
-                        self._early.append((item.round_id, item))
+                        self._keep_early(item)
         except RoundFailedError:
             if rnd is not None:
                 self._forget(rnd)
@@ -641,8 +648,9 @@ class Peer:
             ", ".join(state.roles),
         )
         self._deliver(rnd, state.start())
-        early = [item for rid, item in self._early if rid == msg.round_id]
+        early = [item for rid, item, _ in self._early if rid == msg.round_id]
         self._early.clear()
+        self._early_bytes = 0
         for item in early:  # shares that raced ahead of our assignment
             self._feed(rnd, item)
         return rnd
@@ -817,9 +825,10 @@ class Peer:
         pair = rnd.links.get(item.sender)
         if pair is None:
             log.warning(
-                "peer %s dropped a message claiming to be from %s: not a member of round %s",
+                "peer %s dropped a message claiming to be from %s: %s round %s",
                 self.peer_id,
                 item.sender,
+                "itself, in" if item.sender == self.peer_id else "not a member of",
                 item.round_id,
             )
             return None
@@ -897,6 +906,23 @@ class Peer:
             log.warning("peer %s dropped a malformed message: %s", self.peer_id, exc)
             return None, None
 
+    def _keep_early(self, item: _Inbound) -> None:
+        """Keep a message of a round we are not assigned yet, within count and byte bounds."""
+        size = sum(b.nbytes for b in item.frames) if item.frames is not None else 0
+        if len(self._early) == self._early.maxlen:
+            self._early_bytes -= self._early[0][2]
+        self._early.append((item.round_id, item, size))
+        self._early_bytes += size
+        while self._early_bytes > self._early_budget and len(self._early) > 1:
+            _, dropped, dropped_size = self._early.popleft()
+            self._early_bytes -= dropped_size
+            log.warning(
+                "peer %s dropped an early message from %s: early messages exceed %d bytes",
+                self.peer_id,
+                dropped.sender,
+                self._early_budget,
+            )
+
     def _recv_peer(self) -> _Inbound | None:
         """One message off the inbox: its envelope read (sealed) or decoded (insecure)."""
         frames = self._inbox.recv_multipart(copy=False)  # type: ignore[union-attr]
@@ -907,6 +933,11 @@ class Peer:
                 return _Inbound(msg.round_id, msg.sender, message=msg)  # type: ignore[attr-defined]
             buffers = [f.buffer for f in frames]
             envelope = Envelope.unpack(buffers[0])
+            if len(buffers) != 1 + envelope.parts:  # checked before anything is kept
+                raise RemoteProtocolError(
+                    f"sealed message has {len(buffers) - 1} parts, its envelope says "
+                    f"{envelope.parts}"
+                )
         except RemoteProtocolError as exc:
             log.warning("peer %s dropped a malformed message: %s", self.peer_id, exc)
             return None

@@ -1,16 +1,22 @@
-"""Sniff a real round on loopback: CURVE on every connection, no share or result in the clear.
+"""Sniff a real round on loopback: CURVE to the scheduler, sealed traffic between peers.
 
 A raw ``AF_PACKET`` socket bound to ``lo`` (root only) records every TCP
 segment while a scheduler and four peers run one round over real sockets. The
 segments of the round's connections (those touching the scheduler's or a
 peer's listening port) are reassembled per direction. Then:
 
-* every connection's ZMTP greeting names the ``CURVE`` mechanism;
+* every connection to the scheduler greets with the ``CURVE`` mechanism, and
+  every connection between peers with ``NULL``: round traffic is sealed message
+  by message instead (``lightning_secagg.sealing``);
 * no recorded secret appears in the bytes on the wire: the averaged model (a
   planted 256-byte pattern, which every peer also holds as its input), every
-  share seed, and every dense share or partial sum a peer sent;
+  share seed, every dense share or partial sum a peer sent, and the plaintext
+  codec header of every message a peer sent to another (level, group, seed);
+* what sealing leaves in the clear is there: every envelope a peer sent (round
+  id, sender, counter) is found on the wire between peers, so those streams were
+  captured whole and searched;
 * positive control: the same round with ``insecure=True`` shows ``NULL``
-  greetings and *does* leak all of them, so the detector works.
+  greetings everywhere and *does* leak all of the secrets, so the detector works.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ from typing import Any
 import pytest
 import torch
 
+import lightning_secagg.codec as codec_module
 import lightning_secagg.peer as peer_module
 from lightning_secagg import Peer, Scheduler
-from lightning_secagg.messages import Message, Partial, Share
+from lightning_secagg.messages import Message, Partial, Result, Share
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -129,20 +136,36 @@ class Sniffer:
 
 @dataclass
 class Secrets:
-    """What must never be visible on the wire, recorded while the round runs."""
+    """What must never be visible on the wire, recorded while the round runs; and what
+    a peer put in front of each message it sent to another (its sealed envelope)."""
 
     seeds: list[bytes] = field(default_factory=list)
     dense: list[bytes] = field(default_factory=list)
+    headers: list[bytes] = field(default_factory=list)
+    first_frames: list[bytes] = field(default_factory=list)
 
 
-def run_round(insecure: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[Capture, set[int], Secrets]:
+def run_round(
+    insecure: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Capture, set[int], int, Secrets]:
+    """One round on loopback, sniffed: the capture, the listening ports (the scheduler's
+    among them, and also on its own) and what the peers sent."""
     secrets_seen = Secrets()
-    original_send = peer_module.send_message
+    original_encode = codec_module.encode
+    original_send_frames = peer_module.send_frames
 
-    def recording_send(sock: Any, message: Message, prefix: Any = ()) -> int:
-        if isinstance(message, Share | Partial) and message.payload is not None:
-            secrets_seen.dense.append(message.payload.tobytes()[:64])
-        return original_send(sock, message, prefix)
+    def recording_encode(message: Message) -> list[Any]:
+        # The peer encodes each round message here, then seals it (secure links).
+        frames = original_encode(message)
+        if isinstance(message, Share | Partial | Result):
+            secrets_seen.headers.append(bytes(frames[0]))
+            if isinstance(message, Share | Partial) and message.payload is not None:
+                secrets_seen.dense.append(message.payload.tobytes()[:64])
+        return frames
+
+    def recording_send_frames(sock: Any, frames: Any, what: str) -> int:
+        secrets_seen.first_frames.append(bytes(frames[0]))  # the envelope, when sealed
+        return original_send_frames(sock, frames, what)
 
     def recording_random(n: int) -> bytes:
         data = os.urandom(n)
@@ -150,12 +173,14 @@ def run_round(insecure: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[Capture,
             secrets_seen.seeds.append(data)
         return data
 
-    monkeypatch.setattr(peer_module, "send_message", recording_send)
+    monkeypatch.setattr(codec_module, "encode", recording_encode)
+    monkeypatch.setattr(peer_module, "send_frames", recording_send_frames)
     sniffer = Sniffer()
     results: list[Any] = [None] * N_PEERS
     try:
         with Scheduler(port=0, target_size=N_PEERS, insecure=insecure) as sched:
-            ports = {int(sched.address.rsplit(":", 1)[1])}
+            sched_port = int(sched.address.rsplit(":", 1)[1])
+            ports = {sched_port}
             kwargs: dict[str, Any] = (
                 {"insecure": True} if insecure else {"scheduler_key": sched.public_key}
             )
@@ -183,7 +208,8 @@ def run_round(insecure: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[Capture,
         assert isinstance(r, dict), r
         assert r["pattern"].numpy().tobytes() == PATTERN_BYTES, "planted result is not exact"
     assert secrets_seen.seeds and secrets_seen.dense, "the recorders saw no secrets"
-    return capture, ports, secrets_seen
+    assert secrets_seen.headers and secrets_seen.first_frames, "the recorders saw no messages"
+    return capture, ports, sched_port, secrets_seen
 
 
 def greeting_mechanism(stream: bytes) -> bytes:
@@ -202,25 +228,50 @@ def leaks(streams: dict[Any, bytes], secrets_seen: Secrets) -> dict[str, int]:
         "result": count([PATTERN_BYTES]),
         "seeds": count(secrets_seen.seeds),
         "dense": count(secrets_seen.dense),
+        "headers": count(secrets_seen.headers),
     }
 
 
-def test_curve_on_every_connection_and_nothing_in_the_clear(monkeypatch):
-    capture, ports, secrets_seen = run_round(insecure=False, monkeypatch=monkeypatch)
-    streams = capture.streams(ports)
-    connections = {tuple(sorted([(k[0], k[1]), (k[2], k[3])])) for k in streams}
+def split_streams(
+    streams: dict[tuple[int, int, int, int], bytes], sched_port: int
+) -> tuple[dict[Any, bytes], dict[Any, bytes]]:
+    """The directions of the connections to the scheduler, and those between peers."""
+    to_sched = {k: v for k, v in streams.items() if sched_port in (k[1], k[3])}
+    between = {k: v for k, v in streams.items() if k not in to_sched}
+    return to_sched, between
+
+
+def connections(streams: dict[tuple[int, int, int, int], bytes]) -> set[tuple[Any, ...]]:
+    return {tuple(sorted([(k[0], k[1]), (k[2], k[3])])) for k in streams}
+
+
+def test_curve_to_scheduler_sealed_between_peers_nothing_in_the_clear(monkeypatch):
+    capture, ports, sched_port, secrets_seen = run_round(insecure=False, monkeypatch=monkeypatch)
+    to_sched, between = split_streams(capture.streams(ports), sched_port)
     # every peer talks to the scheduler, and shares flow between peers
-    assert len(connections) >= N_PEERS + 2, (len(connections), capture.packets)
-    mechanisms = {key: greeting_mechanism(data) for key, data in streams.items()}
+    assert len(connections(to_sched)) >= N_PEERS, (len(to_sched), capture.packets)
+    assert len(connections(between)) >= 2, (len(between), capture.packets)
+    mechanisms = {key: greeting_mechanism(data) for key, data in to_sched.items()}
     assert set(mechanisms.values()) == {b"CURVE"}, mechanisms
-    assert leaks(streams, secrets_seen) == {"result": 0, "seeds": 0, "dense": 0}
+    mechanisms = {key: greeting_mechanism(data) for key, data in between.items()}
+    assert set(mechanisms.values()) == {b"NULL"}, mechanisms
+    wire = {**to_sched, **between}
+    assert leaks(wire, secrets_seen) == {"result": 0, "seeds": 0, "dense": 0, "headers": 0}
+    # Sealed: what went out first in each message was an envelope, not the header it
+    # seals; and every one of them is on the wire between peers, so those streams were
+    # captured whole and searched (the secrets above would have been found there).
+    assert not set(secrets_seen.headers) & set(secrets_seen.first_frames)
+    assert all(any(e in s for s in between.values()) for e in secrets_seen.first_frames)
 
 
 def test_positive_control_insecure_round_leaks_everything(monkeypatch):
-    capture, ports, secrets_seen = run_round(insecure=True, monkeypatch=monkeypatch)
+    capture, ports, _, secrets_seen = run_round(insecure=True, monkeypatch=monkeypatch)
     streams = capture.streams(ports)
     assert {greeting_mechanism(d) for d in streams.values()} == {b"NULL"}
     found = leaks(streams, secrets_seen)
     assert found["result"] == 1, "the detector missed the planted result"
     assert found["seeds"] == len(secrets_seen.seeds), "the detector missed a seed"
     assert found["dense"] == len(secrets_seen.dense), "the detector missed a dense share"
+    assert found["headers"] == len(secrets_seen.headers), "the detector missed a header"
+    # Unsealed: each message went out as its codec header, and every one is on the wire.
+    assert sorted(secrets_seen.first_frames) == sorted(secrets_seen.headers)

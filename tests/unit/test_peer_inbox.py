@@ -1,0 +1,103 @@
+"""The peer's inbox before a round: what it reads, what it keeps, and the bounds on both.
+
+Real sockets on loopback, but no scheduler and no round: ``_recv_peer`` and
+``_keep_early`` are driven directly, so every byte count is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import zmq
+
+from lightning_secagg import KeyPair, Peer
+from lightning_secagg.sealing import Envelope
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def peer():
+    p = Peer(
+        "tcp://127.0.0.1:0",
+        "tcp://127.0.0.1:1",  # never reached: nothing here talks to a scheduler
+        peer_id="me",
+        scheduler_key=KeyPair.generate().public,
+        linger=0,
+    )
+    with p:
+        yield p
+
+
+@pytest.fixture
+def sender(peer):
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.linger = 0
+    sock.connect(peer.endpoint)
+    yield sock
+    sock.close()
+    ctx.term()
+
+
+def receive(peer: Peer):
+    assert peer._inbox.poll(5000), "nothing arrived"
+    return peer._recv_peer()
+
+
+def test_a_sealed_message_is_kept_as_its_envelope_and_raw_frames(peer, sender):
+    envelope = Envelope("r1", "alice", 0, 2)
+    sender.send_multipart([envelope.pack(), b"h" * 40, b"p" * 100])
+    item = receive(peer)
+    assert (item.round_id, item.sender, item.envelope) == ("r1", "alice", envelope)
+    assert [bytes(f) for f in item.frames[1:]] == [b"h" * 40, b"p" * 100]
+    assert item.message is None
+
+
+@pytest.mark.parametrize("parts", [1, 3, 200])
+def test_a_part_count_other_than_the_envelopes_is_dropped_before_it_is_kept(
+    peer, sender, parts, caplog
+):
+    frames = [Envelope("r1", "alice", 0, 2).pack(), *[b"x" * 10] * parts]
+    with caplog.at_level(logging.WARNING, logger="lightning_secagg.peer"):
+        sender.send_multipart(frames)
+        assert receive(peer) is None
+    assert "its envelope says 2" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [[b"\x93junk"], [b""], [Envelope("r1", "alice", 0, 1).pack()[:-1], b"x" * 20]],
+)
+def test_anything_but_an_envelope_is_dropped_as_malformed(peer, sender, frames, caplog):
+    with caplog.at_level(logging.WARNING, logger="lightning_secagg.peer"):
+        sender.send_multipart(frames)
+        assert receive(peer) is None
+    assert "dropped a malformed message" in caplog.text
+
+
+def test_early_messages_are_bounded_in_bytes_oldest_dropped_first(peer, sender, caplog):
+    peer._early_budget = 1000
+    sizes = []
+    with caplog.at_level(logging.WARNING, logger="lightning_secagg.peer"):
+        for i in range(5):
+            envelope = Envelope("r9", f"s{i}", 0, 1).pack()
+            sender.send_multipart([envelope, b"z" * 300])
+            peer._keep_early(receive(peer))
+            sizes.append(len(envelope) + 300)
+    kept = [item.sender for _, item, _ in peer._early]
+    assert kept == ["s2", "s3", "s4"]  # three fit in 1000 bytes, the two oldest went
+    assert peer._early_bytes == sum(sizes[2:]) <= 1000
+    assert caplog.text.count("dropped an early message") == 2
+
+
+def test_early_messages_are_bounded_in_number(peer, sender):
+    peer._early_budget = 1 << 30
+    maxlen = peer._early.maxlen
+    for i in range(maxlen + 5):
+        sender.send_multipart([Envelope("r9", f"s{i}", 0, 1).pack(), b"z"])
+        peer._keep_early(receive(peer))
+    assert len(peer._early) == maxlen
+    assert peer._early[0][1].sender == "s5"
+    assert peer._early_bytes == sum(size for _, _, size in peer._early)
