@@ -61,11 +61,13 @@ SUM_BITS = 62
 #: The compact ring's sums of normalized values stay below 2**COMPACT_SUM_BITS
 #: (plus at most N/2 units of rounding), a factor two inside int32.
 COMPACT_SUM_BITS = 30
-#: Most peers for which the compact ring's rounding stays below half a float32
-#: ulp of the largest magnitude: N * 2**-31 <= 2**-25.
+#: Most peers for which the compact ring's rounding of the peers' values,
+#: N * 2**-31 of the largest magnitude, stays within half a float32 ulp there
+#: (the count slot's rounding adds at most as much again, relative to the mean).
 COMPACT_MAX_PEERS = 64
-#: Integer tensors need a mean accurate to 2**-INT_GUARD_BITS of a unit in the
-#: compact ring (so rounding to the nearest integer is exact).
+#: Integer tensors keep INT_GUARD_BITS bits below the unit in the compact ring:
+#: with the count slot's rounding, their mean is then within about 2**-9 of a
+#: unit, so rounding to the nearest integer is exact away from .5 ties.
 INT_GUARD_BITS = 10
 #: Declared magnitude exponents are clamped to this range (an all-zero tensor declares the minimum).
 MIN_EXPONENT, MAX_EXPONENT = -64, 64
@@ -470,6 +472,10 @@ def encode(
     out = np.empty(schema.vector_size, dtype=plan.dtype)
     signed = out.view(plan.signed_dtype)
     signed[0] = round(share_of_total * math.ldexp(1.0, plan.count_frac_bits))
+    ring = torch.from_numpy(signed)
+    # One float64 scratch chunk for the whole model, reused in place: no
+    # temporary of the model's size and no allocation per chunk.
+    scratch = torch.empty(min(ENCODE_CHUNK, schema.vector_size), dtype=torch.float64)
     pos = 1
     for spec, f in zip(schema.tensors, plan.frac_bits, strict=True):
         # A power of two times p: exact, so each tensor's scaling rounds only once.
@@ -478,11 +484,13 @@ def encode(
         if x.device.type != "cpu":
             x = x.cpu()
         flat = x.reshape(-1)
-        # Chunks keep the float64 temporary small whatever the tensor's size.
         for i in range(0, spec.numel, ENCODE_CHUNK):
-            scaled = flat[i : i + ENCODE_CHUNK].to(torch.float64).numpy() * scale
-            np.rint(scaled, out=scaled)
-            signed[pos + i : pos + i + scaled.size] = scaled
+            n = min(ENCODE_CHUNK, spec.numel - i)
+            chunk = scratch[:n]
+            chunk.copy_(flat[i : i + n])  # exact: every supported dtype fits float64
+            chunk.mul_(scale)
+            chunk.round_()  # half to even, as numpy.rint
+            ring[pos + i : pos + i + n].copy_(chunk)  # integral and in range: exact
         pos += spec.numel
     return out
 

@@ -676,11 +676,13 @@ def test_integer_and_bool_means_round_correctly_in_the_compact_ring(case):
     out = decode_result(decode_total(total, schema, plan), schema)
 
     ref = weighted_mean(sds, weights, "n")
-    # The mean before rounding is within 2**-9 (N * 2**(e - 30) with the rule's e).
+    # The mean before rounding is within about 2**-9: N/2 steps of 2**(e - 30) plus the
+    # count slot's relative N/2 * 2**-30 of |mean| < 2**e, with the rule's e (and the
+    # bound's own float64 slack on top).
     mean = torch.from_numpy(plain_mean(total, plan, 1, 12, plan.frac_bits[0]))
     bound = fixed_point_bound(n, exps[0], ref.abs())
     assert bool(((mean - ref).abs() <= bound).all())
-    assert float(bound.max()) <= 2.0**-9 * (1 + 2.0**-20)
+    assert float(bound.max()) <= 2.0**-9 * (1 + 2.0**-12)
 
     got = out["n"].double()
     assert out["n"].dtype == dtype
