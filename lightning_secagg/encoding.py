@@ -548,9 +548,17 @@ def decode_total(total: np.ndarray, schema: Schema, plan: RingPlan | None = None
 
 
 def decode_result(
-    buffer: np.ndarray | bytes | memoryview, schema: Schema
+    buffer: np.ndarray | bytes | memoryview, schema: Schema, *, adopt: bool = False
 ) -> dict[str, torch.Tensor]:
     """Rebuild a state dict from a decoded result buffer (one copy, then views).
+
+    Args:
+        buffer: The result's bytes.
+        schema: The agreed layout.
+        adopt: ``buffer`` is a writable ``uint8`` array that nothing else will
+            read or write (a freshly opened sealed payload, or a root actor's
+            own decoding once its sealed copies are made): the tensors become
+            views of it and the copy is saved. Ignored for anything else.
 
     Raises:
         EncodingError: the buffer has the wrong size for the schema.
@@ -558,7 +566,15 @@ def decode_result(
     data = np.frombuffer(buffer, dtype=np.uint8)
     if data.size != schema.result_nbytes:
         raise EncodingError(f"result has {data.size} bytes, expected {schema.result_nbytes}")
-    storage = torch.from_numpy(data.copy())
+    owned = (
+        adopt
+        and isinstance(buffer, np.ndarray)
+        and buffer.dtype == np.uint8
+        and buffer.ndim == 1
+        and buffer.flags.writeable
+        and buffer.flags.c_contiguous
+    )
+    storage = torch.from_numpy(buffer if owned else data.copy())  # type: ignore[arg-type]
     result: dict[str, torch.Tensor] = {}
     for spec, pos in zip(schema.tensors, schema.result_offsets, strict=True):
         if spec.numel == 0:

@@ -735,7 +735,10 @@ class Peer:
             stats.bytes_sent,
             stats.bytes_received,
         )
-        return decode_result(result, schema)
+        # Sealed rounds: the result is a buffer of our own (an opened payload, or our
+        # decoding), and every copy sent on was sealed from it already; on
+        # insecure links the same buffer may still sit in ZeroMQ's send queues.
+        return decode_result(result, schema, adopt=bool(rnd.links))
 
     def _phase_due(self, rnd: _Round | None) -> tuple[float, int] | None:
         """The deadline of the phase this peer waits in, and the phase (None: not in a round)."""

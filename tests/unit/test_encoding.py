@@ -245,6 +245,23 @@ def test_zero_count_slot_refused():
     assert isinstance(info.value, RoundFailedError)  # retryable, not a local encoding error
 
 
+def test_decode_result_adopts_only_a_writable_byte_array_when_asked():
+    schema = Schema.of({"a": torch.zeros(3), "b": torch.zeros(2, dtype=torch.int64)})
+    buf = np.zeros(schema.result_nbytes, dtype=np.uint8)
+    adopted = decode_result(buf, schema, adopt=True)
+    buf[:4] = np.frombuffer(np.float32(1.5).tobytes(), dtype=np.uint8)
+    assert adopted["a"][0].item() == 1.5  # a view of the buffer: no copy was made
+    copied = decode_result(buf, schema)
+    buf[:4] = 0
+    assert copied["a"][0].item() == 1.5  # the default copies
+    frozen = np.zeros(schema.result_nbytes, dtype=np.uint8)
+    frozen.flags.writeable = False
+    safe = decode_result(frozen, schema, adopt=True)
+    safe["a"][0] = 2.0  # writable tensors even from a read-only buffer: it was copied
+    assert frozen[:4].tolist() == [0, 0, 0, 0]
+    assert decode_result(bytes(schema.result_nbytes), schema, adopt=True)["b"].tolist() == [0, 0]
+
+
 def test_decode_result_wrong_size_refused():
     schema = Schema.of({"w": torch.zeros(3)})  # 12 bytes, aligned to 16
     assert schema.result_nbytes == 16
