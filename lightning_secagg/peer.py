@@ -488,7 +488,7 @@ class Peer:
                 wake = min(deadline, next_beat, phase_due[0] if phase_due else deadline)
                 events = dict(poller.poll(timeout=max(1, math.ceil((wake - now) * 1000))))
                 if self._scheduler in events:
-                    msg, _ = self._recv(self._scheduler, codec.MAX_HEADER_BYTES, FROM_SCHEDULER)
+                    msg = self._recv(self._scheduler, codec.MAX_HEADER_BYTES, FROM_SCHEDULER)
                     if isinstance(msg, SignupAck) and msg.peer_id == self.peer_id:
                         acked = True
                     if isinstance(msg, Assignment) and rnd is None:
@@ -900,14 +900,14 @@ class Peer:
 
     def _recv(
         self, sock: zmq.Socket, max_header: int, allowed: tuple[type[Message], ...]
-    ) -> tuple[Message | None, None]:
+    ) -> Message | None:
         frames = sock.recv_multipart(copy=False)
         self._bytes_received += frames_nbytes(frames)
         try:
-            return receive_message(frames, max_header, allowed), None
+            return receive_message(frames, max_header, allowed)
         except RemoteProtocolError as exc:
             log.warning("peer %s dropped a malformed message: %s", self.peer_id, exc)
-            return None, None
+            return None
 
     def _keep_early(self, item: _Inbound) -> None:
         """Keep a message of a round we are not assigned yet, within count and byte bounds."""
