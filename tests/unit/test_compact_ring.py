@@ -58,6 +58,7 @@ from lightning_secagg.protocol.scheduler_state import Outgoing, SchedulerState
 from lightning_secagg.sharing import add_expanded_seed, split
 from lightning_secagg.tree import AggregationTree, build_tree
 from tests.unit.memnet import MemNet, seeded_bytes, weighted_mean
+from tests.unit.test_encoding import sample  # one sampler for both suites
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -379,16 +380,6 @@ def test_a_non_positive_count_slot_is_refused_in_the_compact_ring(count):
     total = np.array([count, 1, 2, 3], dtype=U32)  # 2**31 and up read as negative int32
     with pytest.raises(InvalidTotalError, match="count slot"):
         decode_total(total, schema, RingPlan.compact(schema, [0]))
-
-
-def sample(dtype: torch.dtype, shape, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    if dtype == torch.bool:
-        return torch.rand(shape, generator=gen) > 0.5
-    if dtype.is_floating_point:
-        return (torch.randn(shape, generator=gen) * 3).to(dtype)
-    lo = 0 if dtype == torch.uint8 else -100
-    return torch.randint(lo, 100, shape, generator=gen).to(dtype)
 
 
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8,
