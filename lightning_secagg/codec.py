@@ -120,12 +120,9 @@ def decode(
         return message
     if getattr(message, "seed", None) is not None:
         raise RemoteProtocolError(f"{cls.TYPE}: both a seed and a payload")
-    dtype = np.dtype(cls.PAYLOAD_DTYPE)
-    buf = frames[1]
-    nbytes = buf.nbytes if isinstance(buf, memoryview) else len(buf)
-    if nbytes == 0 or nbytes % dtype.itemsize:
-        raise RemoteProtocolError(
-            f"{cls.TYPE}: payload of {nbytes} bytes is not whole {dtype} items"
-        )
-    payload = np.frombuffer(buf, dtype=dtype)
+    # Raw bytes: what they hold (4- or 8-byte ring elements, a result's tensors)
+    # depends on the round, whose state machine checks the size and views them.
+    payload = np.frombuffer(frames[1], dtype=np.uint8)
+    if payload.size == 0:
+        raise RemoteProtocolError(f"{cls.TYPE}: payload of 0 bytes")
     return cls.from_header(header, payload)

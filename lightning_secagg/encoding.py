@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lightning_secagg import sharing
 from lightning_secagg.errors import (
     ConfigurationError,
     EncodingError,
@@ -71,7 +72,7 @@ COMPACT_MAX_PEERS = 64
 INT_GUARD_BITS = 10
 #: Declared magnitude exponents are clamped to this range (an all-zero tensor declares the minimum).
 MIN_EXPONENT, MAX_EXPONENT = -64, 64
-RING_DTYPES = {32: np.dtype("<u4"), 64: np.dtype("<u8")}
+RING_DTYPES = {8 * d.itemsize: d for d in sharing.RING_DTYPES}
 _SIGNED = {32: np.dtype("<i4"), 64: np.dtype("<i8")}
 
 _FLOAT_DTYPES = {

@@ -208,15 +208,12 @@ def tree_levels(value: Any) -> list[Any]:
 class Message:
     """Base of all messages: ``TYPE`` names it on the wire, ``PAYLOAD`` says if it carries a buffer.
 
-    ``PAYLOAD`` is ``None`` (no buffer), ``"optional"`` or ``"required"``;
-    ``PAYLOAD_DTYPE`` is how the buffer is viewed on arrival: raw bytes, since
-    what they hold (ring elements of 4 or 8 bytes, a result's tensors) depends
-    on the round, whose state machine checks the size and views them.
+    ``PAYLOAD`` is ``None`` (no buffer), ``"optional"`` or ``"required"``; a
+    payload arrives as raw bytes (``uint8``), viewed by the round that checks it.
     """
 
     TYPE: ClassVar[str] = ""
     PAYLOAD: ClassVar[str | None] = None
-    PAYLOAD_DTYPE: ClassVar[str] = "u1"
     FIELDS: ClassVar[dict[str, Validator]] = {}
 
     def header(self) -> dict[str, Any]:

@@ -38,7 +38,8 @@ def system_random_bytes(n: int) -> bytes:
 #: Keystream is produced in chunks of this many bytes, so expanding a seed for a
 #: model of any size needs 1 MiB of scratch, not a second copy of the model.
 CHUNK_BYTES = 1 << 20
-RING_DTYPES = (np.dtype(np.uint32), np.dtype(np.uint64))
+#: The rings' element types (little-endian, as on the wire): Z_2^32 and Z_2^64.
+RING_DTYPES = (np.dtype("<u4"), np.dtype("<u8"))
 
 
 _ZEROS = bytes(CHUNK_BYTES)

@@ -33,6 +33,7 @@ import numpy as np
 from lightning_secagg.errors import LocalProtocolError, RemoteProtocolError
 from lightning_secagg.messages import Message, Partial, Result, Share
 from lightning_secagg.sharing import (
+    RING_DTYPES,
     RandomBytes,
     add_expanded_seed,
     expand_seed,
@@ -103,7 +104,7 @@ class PeerRound:
     ) -> None:
         if tree.group_of(me, 0) is None:
             raise LocalProtocolError(f"{me} is not a member of round {round_id}")
-        if vector.dtype not in (np.dtype("<u8"), np.dtype("<u4")) or vector.ndim != 1:
+        if vector.dtype not in RING_DTYPES or vector.ndim != 1:
             raise LocalProtocolError("the encoded vector must be a 1-d uint64 or uint32 array")
         self.me = me
         self.round_id = round_id
