@@ -217,7 +217,14 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
     from lightning_secagg import Scheduler
 
     outs = [tmp / f"secagg-{n}-{i}.json" for i in range(n)]
-    with Scheduler(port=0, target_size=n, round_timeout=600, insecure=args.insecure) as sched:
+    with Scheduler(
+        port=0,
+        target_size=n,
+        round_timeout=600,
+        insecure=args.insecure,
+        **({"group_size": args.group_size} if args.group_size else {}),
+        **({"num_actors": args.num_actors} if args.num_actors else {}),
+    ) as sched:
         run_procs(
             [
                 [
@@ -294,6 +301,12 @@ def main() -> None:
         "--insecure",
         action="store_true",
         help="plaintext links (no CURVE): only to measure what encryption costs",
+    )
+    parser.add_argument(
+        "--group-size", type=int, default=None, help="the scheduler's group_size (default: its own)"
+    )
+    parser.add_argument(
+        "--num-actors", type=int, default=None, help="the scheduler's num_actors (default: its own)"
     )
     # worker-only arguments
     parser.add_argument("--rank", type=int)

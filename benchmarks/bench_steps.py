@@ -50,8 +50,8 @@ def main() -> None:
         encode,
         magnitude_exponents,
     )
-    from lightning_secagg.messages import Share
-    from lightning_secagg.sealing import Envelope, RoundKey
+    from lightning_secagg.messages import Result, Share
+    from lightning_secagg.sealing import Envelope, RoundKey, SealedBlob
     from lightning_secagg.sharing import add_expanded_seed, split
 
     torch.set_num_threads(1)
@@ -70,18 +70,24 @@ def main() -> None:
     total = vector.copy()
     total.view(np.int32)[0] = 2**30  # a plausible count slot
     result = decode_total(total, schema, plan)
+    blob = SealedBlob.seal(result)
+    result_header = to_frames(Result("r", "A", result))[0]
     mb = vector.nbytes / 1e6
     steps: dict[str, Callable[[], object]] = {
         "check values + exponents (aminmax)": lambda: magnitude_exponents(state),
         "encode": lambda: encode(state, schema, 1 / 6, checked=True, plan=plan),
         "split into 2 shares (1 seed)": lambda: split(vector.copy(), 2, os.urandom),
-        "add one seed's share (AES-256-CTR keystream)": lambda: add_expanded_seed(
+        "add one seed's share (AES-256 keystream)": lambda: add_expanded_seed(
             os.urandom(32), total
         ),
         "add one dense share": lambda: np.add(total, vector, out=total),
         f"seal {mb:.1f} MB (AES-256-GCM)": lambda: to_bob.seal(frames),
         f"open {mb:.1f} MB": lambda: from_alice.open(envelope, sealed),
         "decode the ring total (root actors)": lambda: decode_total(total, schema, plan),
+        "seal the result once (root actors)": lambda: SealedBlob.seal(result),
+        "forward it to one participant (link tags)": lambda: to_bob.seal_forward(
+            result_header, blob
+        ),
         "rebuild the state dict (one copy)": lambda: decode_result(result, schema),
     }
     print(f"MNISTNet, {schema.vector_size - 1:,} parameters, compact ring, best of {args.repeat}")

@@ -64,13 +64,14 @@ from lightning_secagg.messages import (
     Leave,
     Message,
     Rejoin,
+    Result,
     Signup,
     SignupAck,
     SignupRejected,
     ident,
 )
 from lightning_secagg.protocol.peer_round import PeerRound, Send
-from lightning_secagg.sealing import CHUNK_BYTES, TAG_BYTES, Envelope, Link, RoundKey
+from lightning_secagg.sealing import CHUNK_BYTES, TAG_BYTES, Envelope, Link, RoundKey, SealedBlob
 from lightning_secagg.security import (
     KeyPair,
     key_fingerprint,
@@ -165,6 +166,9 @@ class _Round:
     assigned_at: float
     #: ``(to them, from them)`` sealed links per member (empty on insecure links).
     links: dict[str, tuple[Link, Link]]
+    #: The result as one ciphertext, forwarded unchanged to every participant we
+    #: serve (sealed links only): as received, or sealed once by a root actor.
+    result_blob: SealedBlob | None = None
 
 
 @dataclass(frozen=True)
@@ -636,6 +640,8 @@ class Peer:
             finalize=lambda total: decode_total(total, schema, plan),
             result_nbytes=schema.result_nbytes,
             random_bytes=self._random_bytes,
+            # Sealing copies every payload as _deliver hands it out.
+            sends_are_copied=links != {},
         )
         rnd = _Round(msg, members, state, self._clock(), links)
         if self.insecure:
@@ -811,15 +817,16 @@ class Peer:
             log.warning("ignoring a second assignment (round %s) while in a round", msg.round_id)
 
     def _feed(self, rnd: _Round, item: _Inbound) -> None:
-        msg = self._open(rnd, item)
-        if msg is not None:
-            self._feed_message(rnd, msg)
+        opened = self._open(rnd, item)
+        if opened is not None:
+            self._feed_message(rnd, *opened)
 
-    def _open(self, rnd: _Round, item: _Inbound) -> Message | None:
-        """The message inside ``item`` once it proves to come from the member it names;
-        None (logged) otherwise. Insecure links carry it decoded and unproven."""
+    def _open(self, rnd: _Round, item: _Inbound) -> tuple[Message, SealedBlob | None] | None:
+        """The message inside ``item`` once it proves to come from the member it names,
+        and the blob its payload came in if it was forwarded; None (logged) otherwise.
+        Insecure links carry the message decoded and unproven."""
         if item.envelope is None or item.frames is None:
-            return item.message
+            return (item.message, None) if item.message is not None else None
         if item.round_id != rnd.assignment.round_id:
             log.warning(
                 "peer %s dropped a message of round %s (not ours)", self.peer_id, item.round_id
@@ -836,7 +843,7 @@ class Peer:
             )
             return None
         try:
-            frames = pair[1].open(item.envelope, item.frames)
+            frames, blob = pair[1].open_message(item.envelope, item.frames)
             msg = codec.decode(frames, codec.MAX_PEER_HEADER_BYTES, PEER_TO_PEER)
         except RemoteProtocolError as exc:
             log.warning("peer %s dropped a sealed message: %s", self.peer_id, exc)
@@ -851,12 +858,17 @@ class Peer:
                 msg.TYPE,
             )
             return None
-        return msg
+        if blob is not None and not isinstance(msg, Result):
+            log.warning("peer %s dropped a %s forwarded as a blob", self.peer_id, msg.TYPE)
+            return None
+        return msg, blob
 
-    def _feed_message(self, rnd: _Round, msg: Message) -> None:
+    def _feed_message(self, rnd: _Round, msg: Message, blob: SealedBlob | None = None) -> None:
         """Hand an accepted message to the round and send what it answers."""
         try:
-            sends = rnd.state.receive(msg)
+            # An opened sealed payload is a fresh buffer of ours; on insecure links
+            # it is a view of ZeroMQ's frame.
+            sends = rnd.state.receive(msg, payload_owned=bool(rnd.links))
         except RemoteProtocolError as exc:
             log.warning("peer %s dropped a %s: %s", self.peer_id, msg.TYPE, exc)
             return
@@ -864,6 +876,8 @@ class Peer:
             # A member sent a wrong partial sum: no result can come out of this round.
             self._give_up(rnd, str(exc))
             raise
+        if blob is not None and isinstance(msg, Result):
+            rnd.result_blob = blob  # the round accepted it: it is our result's ciphertext
         self._deliver(rnd, sends)
 
     def _deliver(self, rnd: _Round, sends: list[Send]) -> None:
@@ -871,7 +885,7 @@ class Peer:
             sock = self._outbox(rnd.members[send.to])
             frames = codec.encode(send.message)
             if rnd.links:
-                frames = rnd.links[send.to][0].seal(frames)
+                frames = self._seal(rnd, send, frames)
             try:
                 self._bytes_sent += send_frames(sock, frames, send.message.TYPE)
             except RoundFailedError as exc:
@@ -882,6 +896,18 @@ class Peer:
                 raise RoundFailedError(
                     f"peer {self.peer_id} in round {rnd.assignment.round_id}: {reason}"
                 ) from exc
+
+    def _seal(self, rnd: _Round, send: Send, frames: list) -> list:
+        """Seal one message for its recipient; the result goes as the round's one blob."""
+        link = rnd.links[send.to][0]
+        result = rnd.state.result
+        if isinstance(send.message, Result) and result is not None:
+            if send.message.payload is not result:  # pragma: no cover - PeerRound sends its own
+                raise LocalProtocolError("a result to send that is not the round's result")
+            if rnd.result_blob is None:  # a root actor: the first to hold it in the clear
+                rnd.result_blob = SealedBlob.seal(result)
+            return link.seal_forward(frames[0], rnd.result_blob)
+        return link.seal(frames)
 
     def _outbox(self, member: _Member) -> zmq.Socket:
         sock = self._outboxes.get(member.endpoint)

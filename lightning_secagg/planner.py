@@ -68,7 +68,7 @@ from lightning_secagg.messages import (
     SignupAck,
 )
 from lightning_secagg.protocol.peer_round import PeerRound, Send
-from lightning_secagg.sealing import CHUNK_BYTES, TAG_BYTES, Envelope
+from lightning_secagg.sealing import CHUNK_BYTES, TAG_BYTES, Envelope, sealed_extra_bytes
 from lightning_secagg.sharing import SEED_BYTES, RandomBytes
 from lightning_secagg.tree import AggregationTree, build_tree, privacy_warnings
 
@@ -591,8 +591,10 @@ def wire_size(
     The header is encoded by the real codec; the payload is sized for the real
     model (the simulation runs on one-element vectors), see :func:`payload_size`.
     With ``seal`` (the envelope of sealed round traffic between peers, see
-    :mod:`lightning_secagg.sealing`), the envelope frame and one 16-byte tag per
-    sealed part (the header, then each chunk of the payload) are added.
+    :mod:`lightning_secagg.sealing`), the envelope frame and what sealing adds
+    are counted: a 16-byte tag per sealed part (the header, then each chunk of
+    the payload), and for a result, forwarded as one ciphertext, the blob key
+    and a link tag per chunk (:func:`~lightning_secagg.sealing.sealed_extra_bytes`).
 
     Raises:
         ConfigurationError: ``ring_bits`` is not 32 or 64.
@@ -600,7 +602,9 @@ def wire_size(
     payload = payload_size(message, schema, ring_bits)
     size = len(codec.encode(message)[0]) + payload
     if seal is not None:
-        size += len(seal.pack()) + TAG_BYTES * sealed_parts(payload)
+        size += len(seal.pack()) + sealed_extra_bytes(
+            payload, forwarded=isinstance(message, Result)
+        )
     return size
 
 

@@ -31,6 +31,18 @@ What an observer still sees: the envelope (round id, sender id, a counter),
 frame sizes and timing; CurveZMQ hid the first three. Levels, groups, seeds
 and every payload byte are sealed.
 
+**The result is sealed once, then forwarded.** It is the same buffer for
+every member, so a root actor encrypts it once under a fresh one-off key
+(:class:`SealedBlob`), and every actor below forwards those ciphertext frames
+unchanged: sealing a 4.8 MB result for each recipient cost a copy of the
+model and an encryption per recipient. The blob's key travels inside the
+sealed header of each link, so only members ever hold it; and the header
+also carries, for every ciphertext frame, a tag computed under the *link's*
+key over that frame (GMAC: AES-GCM with the frame as associated data). A
+member who knows the blob key could craft another ciphertext that opens
+under it, but not one that the link's tags accept: the result a peer accepts
+is the one its designated actor sent.
+
 Replays: a sealed message replayed within its round is a duplicate the round's
 state machine refuses; in any other round no key opens it.
 """
@@ -54,13 +66,17 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from lightning_secagg.errors import RemoteProtocolError
 from lightning_secagg.messages import HeaderError, ident
 
-SEAL_VERSION = 1
+SEAL_VERSION = 2
 #: Payload bytes sealed per frame: bounds every frame (and ``ZMQ_MAXMSGSIZE``)
 #: whatever the model's size, and stays far below AES-GCM's per-message limit.
 CHUNK_BYTES = 1 << 24
 TAG_BYTES = 16
 MAX_ENVELOPE_BYTES = 512
 MAX_PARTS = 1 << 16
+KEY_BYTES = 32
+#: First byte of a sealed header's plaintext: what follows it.
+_PLAIN = b"\x00"  # the codec header; payload parts sealed under the link's key
+_FORWARDED = b"\x01"  # blob key, one link tag per part, the codec header
 
 
 def frame_nbytes(frame: Any) -> int:
@@ -115,6 +131,73 @@ class Envelope:
         if type(parts) is not int or not 1 <= parts <= MAX_PARTS:
             raise RemoteProtocolError("sealed envelope: bad part count")
         return cls(round_id, sender, seq, parts)
+
+
+def sealed_extra_bytes(payload_nbytes: int, *, forwarded: bool = False) -> int:
+    """Bytes sealing adds to a message of this payload size, besides the envelope frame.
+
+    A tag per sealed part (the header and each payload chunk) and the header's
+    mode byte; a forwarded payload (:meth:`Link.seal_forward`) also carries the
+    blob key and a link tag per chunk in its header.
+    """
+    chunks = -(-payload_nbytes // CHUNK_BYTES)
+    extra = 1 + TAG_BYTES * (1 + chunks)
+    if forwarded:
+        extra += KEY_BYTES + TAG_BYTES * chunks
+    return extra
+
+
+def _split_chunks(payload: Any) -> list[memoryview]:
+    view = memoryview(payload).cast("B")
+    return [view[i : i + CHUNK_BYTES] for i in range(0, view.nbytes, CHUNK_BYTES)]
+
+
+def _decrypt_parts(aead: AESGCM, nonces: Sequence[bytes], parts: Sequence[Any], aad: Any) -> Any:
+    """Decrypt ciphertext parts into one fresh writable ``uint8`` buffer (raises InvalidTag)."""
+    sizes = [frame_nbytes(f) - TAG_BYTES for f in parts]
+    if min(sizes) <= 0:
+        raise RemoteProtocolError("a sealed payload part is empty")
+    payload = np.empty(sum(sizes), dtype=np.uint8)
+    pos = 0
+    for nonce, frame, size in zip(nonces, parts, sizes, strict=True):
+        aead.decrypt_into(nonce, frame, aad, memoryview(payload[pos : pos + size]))
+        pos += size
+    return payload
+
+
+@dataclass(frozen=True)
+class SealedBlob:
+    """A payload encrypted once under a one-off key, to be forwarded unchanged.
+
+    Attributes:
+        key: The one-off AES-256-GCM key (never reused: part ``i`` uses nonce ``i``).
+        parts: The ciphertext frames, each at most ``CHUNK_BYTES`` plus a tag.
+    """
+
+    key: bytes = field(repr=False)
+    parts: tuple[Any, ...]
+
+    @classmethod
+    def seal(cls, payload: Any) -> SealedBlob:
+        """Encrypt ``payload`` (bytes-like, non-empty) under a fresh random key."""
+        key = AESGCM.generate_key(bit_length=256)
+        aead = AESGCM(key)
+        chunks = _split_chunks(payload)
+        if not chunks:
+            raise ValueError("nothing to seal")
+        return cls(key, tuple(aead.encrypt(_nonce(0, i), c, None) for i, c in enumerate(chunks)))
+
+    def open(self) -> Any:
+        """The payload, decrypted into one fresh writable ``uint8`` array.
+
+        Raises:
+            RemoteProtocolError: a part fails authentication under the blob key.
+        """
+        nonces = [_nonce(0, i) for i in range(len(self.parts))]
+        try:
+            return _decrypt_parts(AESGCM(self.key), nonces, self.parts, None)
+        except InvalidTag:
+            raise RemoteProtocolError("a forwarded payload failed authentication") from None
 
 
 class RoundKey:
@@ -186,19 +269,29 @@ class Link:
         The payload is sealed in chunks of :data:`CHUNK_BYTES`; each sealed part
         is a fresh buffer sent without a further copy.
         """
-        header = frames[0]
-        payload = memoryview(frames[1]).cast("B") if len(frames) > 1 else None
-        chunks = (
-            [payload[i : i + CHUNK_BYTES] for i in range(0, payload.nbytes, CHUNK_BYTES)]
-            if payload is not None
-            else []
-        )
+        chunks = _split_chunks(frames[1]) if len(frames) > 1 else []
         seq, self.next_seq = self.next_seq, self.next_seq + 1
         envelope = Envelope(self.round_id, self.sender, seq, 1 + len(chunks)).pack()
-        out: list[Any] = [envelope, self.aead.encrypt(_nonce(seq, 0), bytes(header), envelope)]
+        plain = _PLAIN + bytes(frames[0])
+        out: list[Any] = [envelope, self.aead.encrypt(_nonce(seq, 0), plain, envelope)]
         for i, chunk in enumerate(chunks, start=1):
             out.append(self.aead.encrypt(_nonce(seq, i), chunk, envelope))
         return out
+
+    def seal_forward(self, header: Any, blob: SealedBlob) -> list[Any]:
+        """Seal a codec header whose payload travels as ``blob``'s ciphertext, unchanged.
+
+        Costs a tag per part (GHASH over the ciphertext) instead of an
+        encryption and a copy of the payload per recipient.
+        """
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        envelope = Envelope(self.round_id, self.sender, seq, 1 + len(blob.parts)).pack()
+        tags = b"".join(
+            self.aead.encrypt(_nonce(seq, i), b"", part)
+            for i, part in enumerate(blob.parts, start=1)
+        )
+        plain = _FORWARDED + blob.key + tags + bytes(header)
+        return [envelope, self.aead.encrypt(_nonce(seq, 0), plain, envelope), *blob.parts]
 
     def open(self, envelope: Envelope, frames: Sequence[Any]) -> list[Any]:
         """Open a sealed message into codec frames: the header, and the payload if any.
@@ -209,30 +302,51 @@ class Link:
         Raises:
             RemoteProtocolError: the part count is wrong or a part fails authentication.
         """
+        return self.open_message(envelope, frames)[0]
+
+    def open_message(
+        self, envelope: Envelope, frames: Sequence[Any]
+    ) -> tuple[list[Any], SealedBlob | None]:
+        """:meth:`open`, and the forwarded blob the payload came in, if it came in one.
+
+        Raises:
+            RemoteProtocolError: the part count is wrong, a part fails
+                authentication, or the sealed header is malformed.
+        """
         if len(frames) != 1 + envelope.parts:
             raise RemoteProtocolError(
                 f"sealed message has {len(frames) - 1} parts, its envelope says {envelope.parts}"
             )
         aad = bytes(frames[0])
+        parts = frames[2:]
+        who = f"a message claiming to be from {envelope.sender}"
         try:
-            header = self.aead.decrypt(_nonce(envelope.seq, 0), frames[1], aad)
-            if envelope.parts == 1:
-                return [header]
-            sizes = [frame_nbytes(f) - TAG_BYTES for f in frames[2:]]
-            if min(sizes) <= 0:
-                raise RemoteProtocolError("a sealed payload part is empty")
-            payload = np.empty(sum(sizes), dtype=np.uint8)
-            pos = 0
-            for i, (frame, size) in enumerate(zip(frames[2:], sizes, strict=True), start=1):
-                self.aead.decrypt_into(
-                    _nonce(envelope.seq, i), frame, aad, memoryview(payload[pos : pos + size])
-                )
-                pos += size
+            plain = self.aead.decrypt(_nonce(envelope.seq, 0), frames[1], aad)
         except InvalidTag:
-            raise RemoteProtocolError(
-                f"a message claiming to be from {envelope.sender} failed authentication"
-            ) from None
-        return [header, payload]
+            raise RemoteProtocolError(f"{who} failed authentication") from None
+        mode, rest = plain[:1], plain[1:]
+        if mode == _PLAIN:
+            if not parts:
+                return [rest], None
+            nonces = [_nonce(envelope.seq, i) for i in range(1, len(parts) + 1)]
+            try:
+                return [rest, _decrypt_parts(self.aead, nonces, parts, aad)], None
+            except InvalidTag:
+                raise RemoteProtocolError(f"{who} failed authentication") from None
+        if mode != _FORWARDED or not parts:
+            raise RemoteProtocolError(f"{who} has a malformed sealed header")
+        tags_end = KEY_BYTES + TAG_BYTES * len(parts)
+        if len(rest) <= tags_end:
+            raise RemoteProtocolError(f"{who} has a malformed sealed header")
+        key, header = rest[:KEY_BYTES], rest[tags_end:]
+        try:
+            for i, part in enumerate(parts, start=1):
+                tag = rest[KEY_BYTES + TAG_BYTES * (i - 1) : KEY_BYTES + TAG_BYTES * i]
+                self.aead.decrypt(_nonce(envelope.seq, i), tag, part)
+        except InvalidTag:
+            raise RemoteProtocolError(f"{who} failed authentication") from None
+        blob = SealedBlob(key, tuple(parts))
+        return [header, blob.open()], blob
 
 
 __all__ = [
@@ -240,5 +354,7 @@ __all__ = [
     "Envelope",
     "Link",
     "RoundKey",
+    "SealedBlob",
     "frame_nbytes",
+    "sealed_extra_bytes",
 ]

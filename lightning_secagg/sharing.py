@@ -4,8 +4,8 @@ A vector ``x`` is split into ``k`` shares that add up to ``x`` modulo 2**64
 (or 2**32: the ring is the vector's unsigned dtype):
 ``k - 1`` of them are pure randomness, the last one is ``x`` minus their sum.
 Any ``k - 1`` shares together are uniformly random and say nothing about
-``x``. The random shares need not travel as vectors: each is the keystream of
-AES-256-CTR under a fresh 32-byte key drawn from ``os.urandom``, so it travels
+``x``. The random shares need not travel as vectors: each is an AES-256
+keystream under a fresh 32-byte key drawn from ``os.urandom``, so it travels
 as that 32-byte seed and the receiver expands it. This cuts a participant's
 upload from ``k`` vectors to one (and to zero when it is itself an actor of
 its group and keeps the dense share).
@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 SEED_BYTES = 32
-_NONCE = bytes(16)  # every key is fresh and used for one stream only
+_TAG_BYTES = 16
 
 RandomBytes = Callable[[int], bytes]
 
@@ -55,19 +55,31 @@ def _keystream(seed: bytes, size: int, dtype: np.dtype) -> Iterator[tuple[int, n
 
     The stream is a byte string; ring elements are its consecutive little-endian
     words of ``dtype``'s width, so one seed names one vector per ring.
+
+    Chunk ``i`` of the stream is AES-256-GCM's encryption of zeros under the key
+    ``seed`` and the nonce ``i``: that ciphertext *is* the AES-256 counter-mode
+    keystream (GCM encrypts in counter mode; its tag is discarded). GCM rather
+    than plain CTR because OpenSSL's stitched GCM code is the faster path to the
+    same keystream here (0.55 ms against 0.89 ms for a 4.8 MB share on the
+    development machine, ``benchmarks/bench_steps.py``). Each key names one
+    stream and each nonce one chunk of it, so no (key, nonce) pair repeats.
     """
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a share seed has {SEED_BYTES} bytes, got {len(seed)}")
     if dtype not in RING_DTYPES:
         raise ValueError(f"shares live in uint32 or uint64 rings, not {dtype}")
     chunk_words = CHUNK_BYTES // dtype.itemsize
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(_NONCE)).encryptor()
-    buf = np.empty(min(size, chunk_words), dtype=dtype)
+    aead = AESGCM(seed)
+    words_per_chunk = min(size, chunk_words)
+    # The ciphertext of a chunk, then its (discarded) tag: one reused buffer.
+    raw = np.empty(words_per_chunk * dtype.itemsize + _TAG_BYTES, dtype=np.uint8)
+    buf = raw[: words_per_chunk * dtype.itemsize].view(dtype)
     zeros = _zeros(buf.nbytes)
-    for start in range(0, size, chunk_words):
+    for index, start in enumerate(range(0, size, chunk_words)):
         words = buf[: min(chunk_words, size - start)]
-        # The keystream is the encryption of zeros, written straight into ``words``.
-        encryptor.update_into(zeros[: words.nbytes], memoryview(words).cast("B"))
+        nbytes = words.nbytes
+        out = memoryview(raw[: nbytes + _TAG_BYTES])
+        aead.encrypt_into(index.to_bytes(12, "little"), zeros[:nbytes], None, out)
         if not np.little_endian:  # keystream bytes are little-endian words everywhere
             words.byteswap(inplace=True)
         yield start, words

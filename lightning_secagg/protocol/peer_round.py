@@ -90,6 +90,11 @@ class PeerRound:
         finalize: Turns the ring total into the result buffer; only root actors call it.
         result_nbytes: Size every result buffer must have.
         random_bytes: Randomness for seeds and for picking the actor that gets the dense share.
+        sends_are_copied: The transport serializes (seals) every payload it is
+            handed before the next call into this object, so a buffer that was
+            sent may be written to afterwards. A root actor then sums the partial
+            sums into its own partial instead of a copy of it. Leave False for a
+            zero-copy transport, which may still be reading sent buffers.
     """
 
     def __init__(
@@ -101,6 +106,8 @@ class PeerRound:
         finalize: Callable[[np.ndarray], np.ndarray],
         result_nbytes: int,
         random_bytes: RandomBytes,
+        *,
+        sends_are_copied: bool = False,
     ) -> None:
         if tree.group_of(me, 0) is None:
             raise LocalProtocolError(f"{me} is not a member of round {round_id}")
@@ -115,6 +122,7 @@ class PeerRound:
         self._vector: np.ndarray | None = vector
         self._finalize = finalize
         self._random_bytes = random_bytes
+        self._sends_are_copied = sends_are_copied
         self.result: np.ndarray | None = None
         self.started = False
         self.acted = tree.acted_groups(me)
@@ -160,8 +168,14 @@ class PeerRound:
             raise LocalProtocolError("the vector was already consumed")
         return self._participate(0, vector)
 
-    def receive(self, message: Message) -> list[Send]:
+    def receive(self, message: Message, *, payload_owned: bool = False) -> list[Send]:
         """Feed one message from another peer; return what to send in consequence.
+
+        Args:
+            message: The message, as decoded.
+            payload_owned: The payload is a fresh buffer nothing else reads or
+                writes (e.g. just decrypted): the round may sum into it or keep
+                it as the result instead of copying it.
 
         Raises:
             RemoteProtocolError: the message does not belong here (wrong round,
@@ -177,7 +191,12 @@ class PeerRound:
                     f"where {self.me} is not an actor"
                 )
             return self._contribute(
-                acc, (message.level, message.group), message.sender, message.payload, message.seed
+                acc,
+                (message.level, message.group),
+                message.sender,
+                message.payload,
+                message.seed,
+                owned=payload_owned,
             )
         if isinstance(message, Partial):
             acc = self._accs.get((ROOT, 0))
@@ -185,7 +204,9 @@ class PeerRound:
                 raise RemoteProtocolError(f"partial sum sent to {self.me}, not a root actor")
             if message.sender == self.me:
                 raise RemoteProtocolError("partial sum claims to come from myself")
-            return self._contribute(acc, (ROOT, 0), message.sender, message.payload, None)
+            return self._contribute(
+                acc, (ROOT, 0), message.sender, message.payload, None, owned=payload_owned
+            )
         if isinstance(message, Result):
             if self.result_from is None or message.sender != self.result_from:
                 raise RemoteProtocolError(
@@ -323,9 +344,17 @@ class PeerRound:
             for actor in self.tree.root.actors
             if actor != self.me
         ]
-        # ``partial`` now backs queued sends, so it is added into the
-        # accumulator's own array rather than used as the accumulator.
-        out += self._contribute(self._accs[(ROOT, 0)], (ROOT, 0), self.me, partial, None)
+        # ``partial`` now backs queued sends: unless the transport copies them
+        # first, it is added into an array of the accumulator's own rather than
+        # becoming the accumulator.
+        out += self._contribute(
+            self._accs[(ROOT, 0)],
+            (ROOT, 0),
+            self.me,
+            partial,
+            None,
+            owned=self._sends_are_copied,
+        )
         return out
 
     def _distribute(self, result: np.ndarray) -> list[Send]:

@@ -70,8 +70,8 @@ class FaultyPeer(Peer):
             self._die(rnd)
         super()._deliver(rnd, sends)
 
-    def _feed_message(self, rnd: Any, msg: Message) -> None:
-        super()._feed_message(rnd, msg)
+    def _feed_message(self, rnd: Any, msg: Message, blob: Any = None) -> None:
+        super()._feed_message(rnd, msg, blob)
         if not isinstance(msg, Share) or self._role(rnd) != self.die_role:
             return
         level = 0 if self.die_role == "actor" else rnd.state.tree.depth - 1

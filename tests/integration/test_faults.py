@@ -104,6 +104,9 @@ def test_survivors_retry_without_the_failed_peer(tmp_path, n, role, how):
         failed = next(w for w in workers if w.pid == int(pid_text))
         survivors = [w for w in workers if w is not failed]
         _wait_all(survivors, 100)
+        for w in survivors:  # on failure, say why (the workers' output is piped)
+            if w.returncode != 0:
+                print(f"survivor {w.pid} exited {w.returncode}:\n{w.stdout.read()[-6000:]}")
         assert all(w.returncode == 0 for w in survivors)
         if how == "kill":
             assert failed.wait(timeout=5) == -signal.SIGKILL

@@ -67,7 +67,7 @@ from lightning_secagg.messages import (
     Share,
     Signup,
 )
-from lightning_secagg.sealing import MAX_PARTS, Envelope, Link, RoundKey
+from lightning_secagg.sealing import MAX_PARTS, SEAL_VERSION, Envelope, Link, RoundKey
 from lightning_secagg.security import make_curve_client
 from tests.integration._peer_worker import make_state
 from tests.integration._procs import REPO, _lines, free_port, python_env, start_scheduler, stop_all
@@ -541,19 +541,21 @@ def envelope_junk(marker: Path) -> list[list[Any]]:
         return [msgpack.packb(list(fields), use_bin_type=True), sealed]
 
     valid = Envelope(rid, sender, 0, 1).pack()
-    out = [env(v, rid, sender, 0, 1) for v in (0, 2, "1", None, 1.0, True)]  # versions
-    out += [env(1, r, sender, 0, 1) for r in ("x" * 129, "", "a b", None, 7)]  # round ids
-    out += [env(1, rid, s, 0, 1) for s in ("peer 1", "", "p/1", ["peer1"])]  # senders
-    out += [env(1, rid, sender, q, 1) for q in (-1, 1.5, "0", True, None)]  # sequence numbers
-    out += [env(1, rid, sender, 0, n) for n in (0, -1, MAX_PARTS + 1, True, 1.0)]  # part counts
-    out += [env(1, rid, sender, 0), env(1, rid, sender, 0, 1, 0), env(), env(1)]  # arity
+    v = SEAL_VERSION
+    bad_versions = (0, v - 1, v + 1, str(v), None, float(v), True)
+    out = [env(bad, rid, sender, 0, 1) for bad in bad_versions]  # versions
+    out += [env(v, r, sender, 0, 1) for r in ("x" * 129, "", "a b", None, 7)]  # round ids
+    out += [env(v, rid, s, 0, 1) for s in ("peer 1", "", "p/1", ["peer1"])]  # senders
+    out += [env(v, rid, sender, q, 1) for q in (-1, 1.5, "0", True, None)]  # sequence numbers
+    out += [env(v, rid, sender, 0, n) for n in (0, -1, MAX_PARTS + 1, True, 1.0)]  # part counts
+    out += [env(v, rid, sender, 0), env(v, rid, sender, 0, 1, 0), env(), env(v)]  # arity
     out += [
-        [msgpack.packb([1, rid.encode(), sender, 0, 1], use_bin_type=True), sealed],  # bin id
-        [msgpack.packb([1, rid, msgpack.ExtType(1, b"peer1"), 0, 1]), sealed],  # ext type
-        [msgpack.packb({"v": 1, "round_id": rid}), sealed],  # a map
+        [msgpack.packb([v, rid.encode(), sender, 0, 1], use_bin_type=True), sealed],  # bin id
+        [msgpack.packb([v, rid, msgpack.ExtType(1, b"peer1"), 0, 1]), sealed],  # ext type
+        [msgpack.packb({"v": v, "round_id": rid}), sealed],  # a map
         [valid + b"\x00", sealed],  # trailing bytes
         [valid[:-1], sealed],  # truncated
-        [msgpack.packb([1, "a" * 600, sender, 0, 1]), sealed],  # over 512 bytes
+        [msgpack.packb([v, "a" * 600, sender, 0, 1]), sealed],  # over 512 bytes
         [b"\x95\xdd\xff\xff\xff\xff", sealed],  # an array32 inside announcing 4 billion
         [b"\x95" * 4000, sealed],  # nested deeper than the unpacker allows
         [b"\xd7\xff" + bytes(8), sealed],  # a timestamp (ext type -1)

@@ -17,6 +17,7 @@ to the others itself, in any order it likes, and count everything.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -56,11 +57,15 @@ class MemNet:
         order: ``"fifo"``, ``"lifo"``, or a ``random.Random`` that picks the
             next pending message uniformly (any interleaving is possible).
         wire: Encode and decode every message with the real codec on the way.
+        copying: Behave like the sealed transport: every payload is copied the
+            moment a round hands it out (so the round may write to it later),
+            and each receiver gets a fresh buffer of its own (``payload_owned``).
     """
 
     peers: Mapping[str, PeerRound]
     order: str | random.Random = "fifo"
     wire: bool = False
+    copying: bool = False
     pending: list[Send] = field(default_factory=list)
     delivered: Counter[str] = field(default_factory=Counter)
     log: list[tuple[str, str, str]] = field(default_factory=list)
@@ -68,7 +73,12 @@ class MemNet:
     def start(self, ids: Sequence[str] | None = None) -> None:
         """Call ``start()`` on the given peers (all by default) and queue their sends."""
         for pid in ids if ids is not None else list(self.peers):
-            self.pending.extend(self.peers[pid].start())
+            self._queue(self.peers[pid].start())
+
+    def _queue(self, sends: list[Send]) -> None:
+        if self.copying:
+            sends = [Send(s.to, _with_copied_payload(s.message)) for s in sends]
+        self.pending.extend(sends)
 
     def step(self) -> Send:
         """Deliver one pending message and queue whatever it causes."""
@@ -86,7 +96,9 @@ class MemNet:
         sender = getattr(message, "sender", "?")
         self.delivered[type(message).__name__] += 1
         self.log.append((type(message).__name__, sender, send.to))
-        self.pending.extend(self.peers[send.to].receive(message))
+        if self.copying:  # each receiver decrypts into a buffer of its own
+            message = _with_copied_payload(message)
+        self._queue(self.peers[send.to].receive(message, payload_owned=self.copying))
         return send
 
     def run(self, max_steps: int = 10_000_000) -> Counter[str]:
@@ -98,6 +110,13 @@ class MemNet:
             if steps > max_steps:
                 raise RuntimeError("the round does not converge")
         return self.delivered
+
+
+def _with_copied_payload(message: Message) -> Message:
+    payload = getattr(message, "payload", None)
+    if payload is None:
+        return message
+    return dataclasses.replace(message, payload=payload.copy())
 
 
 def random_state_dicts(
@@ -134,6 +153,7 @@ def peer_round(
     schema: Schema,
     share_of_total: float,
     random_bytes: Callable[[int], bytes],
+    sends_are_copied: bool = False,
 ) -> PeerRound:
     """One member's :class:`PeerRound`, wired as the real peer wires it."""
     return PeerRound(
@@ -144,6 +164,7 @@ def peer_round(
         lambda total: decode_total(total, schema),
         schema.result_nbytes,
         random_bytes,
+        sends_are_copied=sends_are_copied,
     )
 
 
@@ -158,6 +179,7 @@ def make_round(
     state_dicts: list[StateDict] | None = None,
     round_id: str = "r1",
     frac_bits: int = 32,
+    sends_are_copied: bool = False,
 ) -> RoundSetup:
     """Build the tree and every member's :class:`PeerRound` for one round of ``n`` peers."""
     ids = [f"p{i:04d}" for i in range(n)]
@@ -168,7 +190,14 @@ def make_round(
     total = sum(ws)
     peers = {
         pid: peer_round(
-            pid, round_id, tree, sd, schema, w / total, seeded_bytes(seed * 100_003 + i)
+            pid,
+            round_id,
+            tree,
+            sd,
+            schema,
+            w / total,
+            seeded_bytes(seed * 100_003 + i),
+            sends_are_copied,
         )
         for i, (pid, sd, w) in enumerate(zip(ids, sds, ws, strict=True))
     }

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_secagg.errors import LocalProtocolError, RemoteProtocolError
+from lightning_secagg.errors import InvalidTotalError, LocalProtocolError, RemoteProtocolError
 from lightning_secagg.messages import Abort, Done, Partial, Result, Share, SignupAck
 from lightning_secagg.protocol.peer_round import PeerRound, Send, designated_actor
 from lightning_secagg.tree import AggregationTree, Group
@@ -337,6 +337,57 @@ def test_random_interleavings_give_bitwise_identical_results(n, gk, seed, order_
     out = results(shuffled)[0]
     ref = weighted_mean(shuffled.state_dicts, shuffled.weights, "w")
     assert float((out["w"].double() - ref).abs().max()) < 1e-6
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.sampled_from([3, 6, 7, 12]),
+    seed=st.integers(0, 1000),
+    order_seed=st.integers(0, 2**32),
+)
+def test_a_copying_transport_lets_rounds_adopt_buffers_with_the_same_bits(n, seed, order_seed):
+    """What the sealed transport enables: a root actor sums into its own sent partial,
+    and received payloads become accumulators or results without a copy."""
+    reference = make_round(n, seed=seed, size=6)
+    net = MemNet(reference.peers, "fifo")
+    net.start()
+    net.run()
+    adopting = make_round(n, seed=seed, size=6, sends_are_copied=True)
+    net = MemNet(adopting.peers, random.Random(order_seed), copying=True)
+    net.start()
+    net.run()
+    assert result_bytes(adopting) == result_bytes(reference)
+
+
+def test_sends_are_copied_really_reuses_the_sent_partial():
+    """Without a copying transport the flag is wrong: a root actor sums the other's
+    partial into the very buffer it sent, before that buffer is delivered. (So the
+    flag is what makes the adoption happen, and the peer sets it only when sealing.)"""
+    setup = make_round(6, seed=3, size=6, sends_are_copied=True)
+    first, second = setup.tree.root.actors
+    net = MemNet(setup.peers, "fifo")  # zero-copy: a queued payload is the live buffer
+    net.start()
+    # Deliver everything but the partial sum bound for ``second``, which waits.
+    while True:
+        ready = [
+            i
+            for i, s in enumerate(net.pending)
+            if not (isinstance(s.message, Partial) and s.to == second)
+        ]
+        if not ready:
+            break
+        net.pending.insert(0, net.pending.pop(ready[0]))
+        net.step()
+    (late,) = net.pending
+    assert late.message.sender == first
+    assert setup.peers[first].done  # it summed into the buffer it had sent ...
+    # ... so the other root actor gets the full total instead of a partial sum, and
+    # counts ``first``'s share twice: its count slot (and result) come out wrong.
+    try:
+        net.run()
+    except InvalidTotalError:
+        return
+    assert setup.peers[second].result.tobytes() != setup.peers[first].result.tobytes()
 
 
 def test_fifo_and_lifo_agree_bitwise():

@@ -62,18 +62,22 @@ def test_leaf_sends_one_dense_share_and_seeds_and_receives_the_result(ring, elem
     header = len(encode(Share("0" * 16, 0, 0, leaf.peer_id, None))[0])
     seed_header = len(encode(Share("0" * 16, 0, 0, leaf.peer_id, bytes(32)))[0])
     assert seed_header == header + 33  # bin8 of 32 bytes instead of nil
-    # Sealed round traffic: an envelope ([version, round, sender, seq, parts]) and a
-    # 16-byte tag per sealed part (the header; each payload chunk) on every message.
+    # Sealed round traffic: an envelope ([version, round, sender, seq, parts]), a
+    # 16-byte tag per sealed part (the header; each payload chunk) and the sealed
+    # header's mode byte on every message; a result, forwarded as one ciphertext,
+    # also carries its 32-byte key and a link tag per chunk in the sealed header.
     def envelope(sender: str, parts: int) -> int:
         return len(Envelope("0" * 16, sender, 0, parts).pack())
 
     # one dense share and (k - 1) seeds: group index is a 1-byte fixint here
     assert leaf.p2p_sent == (
-        envelope(leaf.peer_id, 2) + header + 16 + element_bytes * (params + 1) + 16
-    ) + (envelope(leaf.peer_id, 1) + seed_header + 16)
+        envelope(leaf.peer_id, 2) + 1 + header + 16 + element_bytes * (params + 1) + 16
+    ) + (envelope(leaf.peer_id, 1) + 1 + seed_header + 16)
     result_header = len(encode(Result("0" * 16, "peer-00000000", None))[0])
     sender = "peer-00000000"  # ids have one length: the envelope's size does not depend on it
-    assert leaf.p2p_received == envelope(sender, 2) + result_header + 16 + 4 * params + 16
+    assert leaf.p2p_received == (
+        envelope(sender, 2) + 1 + 32 + 16 + result_header + 16 + 4 * params + 16
+    )
     assert leaf.messages_sent == 3  # 2 shares + sign-up
     assert leaf.messages_received == 3  # result + ack + assignment
 

@@ -34,6 +34,7 @@ from lightning_secagg.sealing import (
     Envelope,
     Link,
     RoundKey,
+    SealedBlob,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -621,7 +622,7 @@ def test_good_envelope_is_accepted():
     assert Envelope.unpack(envelope_bytes(*GOOD)) == Envelope(ROUND, "A", 7, 3)
 
 
-@pytest.mark.parametrize("version", [0, 2, True, 1.0, "1", None, [1]])
+@pytest.mark.parametrize("version", [0, 1, 3, True, 2.0, "2", None, [2]])
 def test_envelope_wrong_version(version):
     with pytest.raises(RemoteProtocolError, match="seal version"):
         Envelope.unpack(with_field(0, version))
@@ -810,7 +811,8 @@ def test_repr_does_not_leak_the_secret():
 
 def expected_nbytes(envelope: bytes, header: bytes, payload_nbytes: int, chunk: int) -> int:
     chunks = [min(chunk, payload_nbytes - i) for i in range(0, payload_nbytes, chunk)]
-    return len(envelope) + len(header) + TAG_BYTES + sum(c + TAG_BYTES for c in chunks)
+    # The sealed header is the codec header behind a one-byte mode.
+    return len(envelope) + 1 + len(header) + TAG_BYTES + sum(c + TAG_BYTES for c in chunks)
 
 
 @FAST
@@ -848,3 +850,134 @@ def test_frame_nbytes():
     assert sealing.frame_nbytes(memoryview(arr)) == 80
     assert sealing.frame_nbytes(b"abc") == 3
     assert sealing.frame_nbytes(bytearray(5)) == 5
+
+
+# -- forwarded blobs (the result, sealed once) -------------------------------------------
+
+
+class Trio:
+    """Root actor R, forwarder F, leaf L, and M: a member who never gets this result."""
+
+    def __init__(self) -> None:
+        self.keys = {name: RoundKey() for name in "RFLM"}
+        members = {name: k.public for name, k in self.keys.items()}
+        self.links = {name: k.links(ROUND, name, members) for name, k in self.keys.items()}
+
+    def to(self, sender: str, receiver: str) -> Link:
+        return self.links[sender][receiver][0]
+
+    def from_(self, receiver: str, sender: str) -> Link:
+        return self.links[receiver][sender][1]
+
+
+def forward(link: Link, blob: SealedBlob, sender: str = "R") -> list:
+    return link.seal_forward(codec.encode(Result(ROUND, sender, RES))[0], blob)
+
+
+@pytest.mark.parametrize("chunk", [SMALL_CHUNK, sealing.CHUNK_BYTES], ids=["small", "default"])
+def test_blob_sealed_once_is_forwarded_down_unchanged(chunk):
+    with chunk_bytes(chunk):
+        trio = Trio()
+        blob = SealedBlob.seal(RES)
+        to_f = forward(trio.to("R", "F"), blob)
+        assert len(to_f) == 2 + len(blob.parts)
+        frames, got = trio.from_("F", "R").open_message(Envelope.unpack(to_f[0]), to_f)
+        assert got is not None and got.key == blob.key
+        assert frames[1].tobytes() == RES.tobytes() and frames[1].flags.writeable
+        assert codec.decode(frames, codec.MAX_PEER_HEADER_BYTES, PEER_TO_PEER).sender == "R"
+        # F forwards the very ciphertext frames it received: no re-encryption.
+        to_l = forward(trio.to("F", "L"), got, sender="F")
+        assert [bytes(p) for p in to_l[2:]] == [bytes(p) for p in to_f[2:]]
+        frames, again = trio.from_("L", "F").open_message(Envelope.unpack(to_l[0]), to_l)
+        assert frames[1].tobytes() == RES.tobytes() and again is not None
+
+
+def test_blob_key_travels_only_inside_the_sealed_header():
+    trio = Trio()
+    blob = SealedBlob.seal(RES)
+    wire = b"".join(bytes(f) for f in forward(trio.to("R", "F"), blob))
+    assert blob.key not in wire
+    assert RES.tobytes() not in wire
+
+
+def test_plain_messages_open_without_a_blob():
+    pair = Pair()
+    frames = pair.a_to_b.seal(codec.encode(Partial(ROUND, "A", U64)))
+    opened, blob = pair.b_from_a.open_message(Envelope.unpack(frames[0]), frames)
+    assert blob is None and opened[1].tobytes() == U64.tobytes()
+
+
+def test_member_with_the_blob_key_cannot_swap_the_ciphertext():
+    """M knows the blob key (it is a member below another actor, say) and encrypts a
+    forged result under it: the link tags of R -> F do not accept its frames."""
+    trio = Trio()
+    blob = SealedBlob.seal(RES)
+    forged = SealedBlob(blob.key, (encrypt_under(blob.key, np.zeros_like(RES)),))
+    genuine = forward(trio.to("R", "F"), blob)
+    swapped = [*genuine[:2], *forged.parts]
+    refused(trio.from_("F", "R"), swapped, "failed authentication")
+    # M's own link to F seals a forwarded message that opens, but as from M, whom
+    # the round's state machine does not accept as F's result sender.
+    from_m = forward(trio.to("M", "F"), forged, sender="M")
+    opened, _ = trio.from_("F", "M").open_message(Envelope.unpack(from_m[0]), from_m)
+    assert codec.decode(opened, codec.MAX_PEER_HEADER_BYTES, PEER_TO_PEER).sender == "M"
+
+
+def encrypt_under(key: bytes, payload: np.ndarray) -> bytes:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key).encrypt(bytes(12), payload.tobytes(), None)
+
+
+def test_tampered_blob_part_or_tag_is_refused():
+    trio = Trio()
+    blob = SealedBlob.seal(RES)
+    frames = as_bytes(forward(trio.to("R", "F"), blob))
+    for index in (1, 2):  # the sealed header (holding key and tags), the ciphertext
+        bad = list(frames)
+        part = bytearray(bad[index])
+        part[len(part) // 2] ^= 1
+        bad[index] = bytes(part)
+        refused(trio.from_("F", "R"), bad, "failed authentication")
+
+
+def test_blob_frames_are_refused_on_another_link():
+    trio = Trio()
+    frames = forward(trio.to("R", "F"), SealedBlob.seal(RES))
+    refused(trio.from_("L", "R"), frames, "failed authentication")
+
+
+@pytest.mark.parametrize(
+    "plain",
+    [b"", b"\x02" + bytes(100), b"\x01" + bytes(10), b"\x01" + bytes(32 + 16)],
+    ids=["empty", "unknown-mode", "short", "no-header"],
+)
+def test_malformed_sealed_header_is_refused(plain):
+    trio = Trio()
+    link = trio.to("R", "F")
+    blob = SealedBlob.seal(RES)
+    envelope = Envelope(ROUND, "R", 0, 1 + len(blob.parts)).pack()
+    sealed = link.aead.encrypt(bytes(12), plain, envelope)
+    refused(trio.from_("F", "R"), [envelope, sealed, *blob.parts], "malformed")
+
+
+def test_forwarded_header_without_parts_is_refused():
+    trio = Trio()
+    link = trio.to("R", "F")
+    envelope = Envelope(ROUND, "R", 0, 1).pack()
+    plain = b"\x01" + bytes(32) + bytes(codec.encode(Result(ROUND, "R", RES))[0])
+    sealed = link.aead.encrypt(bytes(12), plain, envelope)
+    refused(trio.from_("F", "R"), [envelope, sealed], "malformed")
+
+
+def test_blob_keys_are_fresh_and_nonces_per_part():
+    a, b = SealedBlob.seal(RES), SealedBlob.seal(RES)
+    assert a.key != b.key and a.parts != b.parts
+    with chunk_bytes(SMALL_CHUNK):
+        blob = SealedBlob.seal(RES)
+    assert len(blob.parts) == -(-RES.nbytes // SMALL_CHUNK)
+    assert blob.open().tobytes() == RES.tobytes()
+    with pytest.raises(RemoteProtocolError, match="forwarded payload"):
+        SealedBlob(blob.key, blob.parts[::-1]).open()
+    with pytest.raises(ValueError):
+        SealedBlob.seal(b"")

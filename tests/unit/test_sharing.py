@@ -101,15 +101,32 @@ def test_same_seed_expands_identically_and_different_seeds_differ():
     assert np.array_equal(expand_seed(seed, 10), a[:10])
 
 
-def test_expansion_is_aes_ctr_little_endian_words():
+def _ctr_stream(seed: bytes, chunk_index: int, nbytes: int) -> bytes:
+    """AES-256-CTR keystream with GCM's first data counter block: nonce ``i`` || 2."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+    counter = chunk_index.to_bytes(12, "little") + (2).to_bytes(4, "big")
+    return Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor().update(bytes(nbytes))
+
+
+def test_expansion_is_aes_ctr_little_endian_words():
+    # Pinned against plain AES-256-CTR (not the GCM call the code makes), so the
+    # stream is the counter-mode keystream the module's docstring promises.
     seed = bytes(range(100, 132))
-    enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    stream = enc.update(bytes(8 * 5))
+    stream = _ctr_stream(seed, 0, 8 * 5)
     assert expand_seed(seed, 5).tolist() == [
         int.from_bytes(stream[i : i + 8], "little") for i in range(0, 40, 8)
     ]
+
+
+def test_each_chunk_of_the_stream_has_its_own_nonce():
+    seed = bytes(range(7, 39))
+    words = CHUNK_BYTES // 4
+    long = expand_seed(seed, 2 * words + 2, np.uint32)
+    for index in range(3):
+        got = long[index * words : (index + 1) * words].tobytes()
+        assert got == _ctr_stream(seed, index, len(got))
+    assert not np.array_equal(long[:2], long[words : words + 2])
 
 
 @pytest.mark.parametrize("dtype", [np.uint64, np.uint32])
