@@ -106,7 +106,9 @@ PROFILE = None
 if os.environ.get("BENCH_PROFILE"):  # a directory: one cProfile dump per peer, rounds only
     import cProfile
 
-    PROFILE = cProfile.Profile()
+    # Main-thread CPU time, not wall time: with more processes than cores, wall
+    # time charges whichever call was running when the process was preempted.
+    PROFILE = cProfile.Profile(time.thread_time)
 
 
 def secagg_worker(args: argparse.Namespace) -> None:
@@ -272,6 +274,10 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
             sum(p["records"][r]["cpu"] for p in sec) for r in range(len(s))
         ),
         "peak_extra": max(p["peak_extra"] for p in sec),
+        "peak_extra_by_role": {
+            role: max(p["peak_extra"] for p in sec if role_of(p["records"][-1]) == role)
+            for role in by_role
+        },
     }
 
 

@@ -74,6 +74,14 @@ INT_GUARD_BITS = 10
 MIN_EXPONENT, MAX_EXPONENT = -64, 64
 RING_DTYPES = {8 * d.itemsize: d for d in sharing.RING_DTYPES}
 _SIGNED = {32: np.dtype("<i4"), 64: np.dtype("<i8")}
+#: Floating dtypes numpy converts float64 to exactly as torch does (one IEEE
+#: rounding to nearest even). Not float16: torch rounds float64 to float32 and
+#: then to float16, numpy rounds once, and the two differ in rare ties; not
+#: bfloat16, which numpy lacks. Those go through torch.
+_NUMPY_FLOATS = {
+    torch.float32: np.dtype("<f4"),
+    torch.float64: np.dtype("<f8"),
+}
 
 _FLOAT_DTYPES = {
     torch.float16: "float16",
@@ -519,6 +527,9 @@ def decode_total(total: np.ndarray, schema: Schema, plan: RingPlan | None = None
             f"the summed count slot is {count}: a member sent a wrong share or partial sum"
         )
     out = np.zeros(schema.result_nbytes, dtype=np.uint8)
+    # One float64 scratch chunk, reused: no model-sized float64 temporary, and no
+    # allocation per chunk.
+    scratch = np.empty(min(ENCODE_CHUNK, schema.vector_size), dtype=np.float64)
     src = 1
     for spec, dst, f in zip(schema.tensors, schema.result_offsets, plan.frac_bits, strict=True):
         if spec.numel == 0:
@@ -527,15 +538,24 @@ def decode_total(total: np.ndarray, schema: Schema, plan: RingPlan | None = None
             continue
         dtype = spec.torch_dtype
         # The tensor's slice of the output, viewed in its own dtype: each chunk is
-        # converted straight into it, so no model-sized float64 temporary exists.
-        dest = torch.from_numpy(out[dst : dst + spec.nbytes]).view(dtype)
+        # converted straight into it.
+        as_numpy = _NUMPY_FLOATS.get(dtype)
+        if as_numpy is not None:
+            dest_np = out[dst : dst + spec.nbytes].view(as_numpy)
+        else:
+            dest = torch.from_numpy(out[dst : dst + spec.nbytes]).view(dtype)
         power = math.ldexp(1.0, plan.count_frac_bits - f)  # a power of two: exact
         for i in range(0, spec.numel, ENCODE_CHUNK):
             n = min(ENCODE_CHUNK, spec.numel - i)
-            mean = signed[src + i : src + i + n].astype(np.float64)
-            mean /= count
+            mean = scratch[:n]
+            # S / C in float64 (the integer converted inside the division), then
+            # an exact power-of-two scaling.
+            np.divide(signed[src + i : src + i + n], count, out=mean)
             if power != 1.0:
                 mean *= power
+            if as_numpy is not None:
+                dest_np[i : i + n] = mean  # rounds to nearest even, as .to(dtype) does
+                continue
             value_f64 = torch.from_numpy(mean)
             if dtype.is_floating_point:
                 dest[i : i + n] = value_f64  # rounds to the dtype, as .to(dtype) does
