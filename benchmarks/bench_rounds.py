@@ -274,10 +274,6 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
             sum(p["records"][r]["cpu"] for p in sec) for r in range(len(s))
         ),
         "peak_extra": max(p["peak_extra"] for p in sec),
-        "peak_extra_by_role": {
-            role: max(p["peak_extra"] for p in sec if role_of(p["records"][-1]) == role)
-            for role in by_role
-        },
     }
 
 
