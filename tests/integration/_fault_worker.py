@@ -71,12 +71,16 @@ class FaultyPeer(Peer):
         super()._deliver(rnd, sends)
 
     def _feed_message(self, rnd: Any, msg: Message, blob: Any = None) -> None:
+        mine = isinstance(msg, Share) and self._role(rnd) == self.die_role
+        if mine and self.die_role == "root" and msg.level == rnd.state.tree.depth - 1:
+            # Before the share is summed: a root actor dies holding the root level's
+            # shares it got so far, before it can send its partial sum, whatever
+            # the order in which its two levels' shares arrived (once its own
+            # level-0 group completed late, the root level could complete at once).
+            self._die(rnd)
         super()._feed_message(rnd, msg, blob)
-        if not isinstance(msg, Share) or self._role(rnd) != self.die_role:
-            return
-        level = 0 if self.die_role == "actor" else rnd.state.tree.depth - 1
-        if msg.level == level and rnd.state.pending_phase() == level:
-            self._die(rnd)  # it holds shares of this level and waits for the rest
+        if mine and self.die_role == "actor" and msg.level == 0 and rnd.state.pending_phase() == 0:
+            self._die(rnd)  # it holds shares of level 0 and waits for the rest
 
 
 def main() -> int:
