@@ -876,7 +876,7 @@ class Peer:
             # A member sent a wrong partial sum: no result can come out of this round.
             self._give_up(rnd, str(exc))
             raise
-        if blob is not None and isinstance(msg, Result):
+        if blob is not None:  # _open lets blobs through on results only
             rnd.result_blob = blob  # the round accepted it: it is our result's ciphertext
         self._deliver(rnd, sends)
 

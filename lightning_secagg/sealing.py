@@ -270,13 +270,17 @@ class Link:
         is a fresh buffer sent without a further copy.
         """
         chunks = _split_chunks(frames[1]) if len(frames) > 1 else []
-        seq, self.next_seq = self.next_seq, self.next_seq + 1
-        envelope = Envelope(self.round_id, self.sender, seq, 1 + len(chunks)).pack()
+        seq, envelope = self._next_envelope(len(chunks))
         plain = _PLAIN + bytes(frames[0])
         out: list[Any] = [envelope, self.aead.encrypt(_nonce(seq, 0), plain, envelope)]
         for i, chunk in enumerate(chunks, start=1):
             out.append(self.aead.encrypt(_nonce(seq, i), chunk, envelope))
         return out
+
+    def _next_envelope(self, payload_parts: int) -> tuple[int, bytes]:
+        """Number the next message on this link; its envelope frame (header + payload parts)."""
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        return seq, Envelope(self.round_id, self.sender, seq, 1 + payload_parts).pack()
 
     def seal_forward(self, header: Any, blob: SealedBlob) -> list[Any]:
         """Seal a codec header whose payload travels as ``blob``'s ciphertext, unchanged.
@@ -284,8 +288,7 @@ class Link:
         Costs a tag per part (GHASH over the ciphertext) instead of an
         encryption and a copy of the payload per recipient.
         """
-        seq, self.next_seq = self.next_seq, self.next_seq + 1
-        envelope = Envelope(self.round_id, self.sender, seq, 1 + len(blob.parts)).pack()
+        seq, envelope = self._next_envelope(len(blob.parts))
         tags = b"".join(
             self.aead.encrypt(_nonce(seq, i), b"", part)
             for i, part in enumerate(blob.parts, start=1)
