@@ -37,11 +37,13 @@ declare its exponents.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -166,12 +168,12 @@ class Schema:
             raise EncodingError("every tensor of the state dict is empty: nothing to aggregate")
         return cls(tuple(specs), frac_bits)
 
-    @property
+    @cached_property
     def vector_size(self) -> int:
         """Ring elements of an encoded vector, count slot included."""
         return 1 + sum(s.numel for s in self.tensors)
 
-    @property
+    @cached_property
     def result_offsets(self) -> tuple[int, ...]:
         """Byte offset of each tensor in the result buffer, 8-byte aligned so views are legal."""
         offsets, pos = [], 0
@@ -180,10 +182,19 @@ class Schema:
             pos += _align8(spec.nbytes)
         return tuple(offsets)
 
-    @property
+    @cached_property
     def result_nbytes(self) -> int:
         """Bytes of the decoded result buffer (every tensor in its own dtype, 8-byte aligned)."""
         return sum(_align8(s.nbytes) for s in self.tensors)
+
+    @cached_property
+    def tensor_starts(self) -> tuple[int, ...]:
+        """Position of each tensor's first element among the data elements (count slot aside)."""
+        starts, pos = [], 0
+        for spec in self.tensors:
+            starts.append(pos)
+            pos += spec.numel
+        return tuple(starts)
 
     def to_wire(self) -> list[list[object]]:
         """Plain lists for a header: ``[[name, [shape...], dtype], ...]``."""
@@ -446,6 +457,69 @@ class RingPlan:
         return schema.vector_size * self.dtype.itemsize
 
 
+def segment_bounds(schema: Schema, segment_elements: int) -> list[tuple[int, int]]:
+    """Split the model's data elements (the count slot aside) into segments.
+
+    A round moves each segment through the tree on its own (see
+    :mod:`lightning_secagg.protocol.segmented_round`), so that no buffer of a
+    peer has to hold the whole model in the ring at once. Each segment's
+    encoded vector carries its own copy of the count slot, so a root actor can
+    decode a segment as soon as its sum is complete.
+
+    Returns:
+        ``[(a, b), ...]``: half-open ranges of data elements that tile
+        ``[0, vector_size - 1)``, each at most ``segment_elements`` long.
+
+    Raises:
+        ConfigurationError: ``segment_elements`` is not a positive int.
+    """
+    if (
+        isinstance(segment_elements, bool)
+        or not isinstance(segment_elements, int)
+        or segment_elements < 1
+    ):
+        raise ConfigurationError(f"segment_elements must be an int >= 1, got {segment_elements!r}")
+    data = schema.vector_size - 1
+    return [(a, min(a + segment_elements, data)) for a in range(0, data, segment_elements)]
+
+
+def _pieces(schema: Schema, a: int, b: int) -> list[tuple[int, TensorSpec, int, int]]:
+    """The parts of tensors that data elements ``[a, b)`` cover: ``(index, spec, lo, hi)``,
+    ``lo:hi`` being element positions inside the flattened tensor."""
+    starts = schema.tensor_starts
+    out = []
+    # The first tensor that may hold element a: the last one starting at or before it.
+    for t in range(max(0, bisect.bisect_right(starts, a) - 1), len(starts)):
+        start = starts[t]
+        if start >= b:
+            break
+        spec = schema.tensors[t]
+        lo, hi = max(a, start), min(b, start + spec.numel)
+        if lo < hi:
+            out.append((t, spec, lo - start, hi - start))
+    return out
+
+
+def result_span(schema: Schema, a: int, b: int) -> tuple[int, int]:
+    """The bytes of the result buffer that data elements ``[a, b)`` decode into.
+
+    Consecutive segments get consecutive spans that tile the whole buffer: a
+    span that reaches the end of a tensor also takes the alignment padding
+    after it (zero bytes), so a segment's result is one contiguous slice.
+    """
+    data = schema.vector_size - 1
+    if not 0 <= a < b <= data:
+        raise EncodingError(f"bad segment [{a}, {b}) of {data} elements")
+
+    def byte_of(e: int) -> int:
+        if e == data:
+            return schema.result_nbytes
+        t, spec, lo, _ = _pieces(schema, e, e + 1)[0]
+        return schema.result_offsets[t] + lo * spec.torch_dtype.itemsize
+
+    return byte_of(a), byte_of(b)
+
+
 def encode(
     state_dict: Mapping[str, torch.Tensor],
     schema: Schema,
@@ -453,6 +527,7 @@ def encode(
     *,
     checked: bool = False,
     plan: RingPlan | None = None,
+    segment: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Encode ``p * x`` for every tensor in the ring, ``p = share_of_total``.
 
@@ -464,9 +539,12 @@ def encode(
             (the peer does, before its sign-up), so the values are not scanned twice.
         plan: The round's ring and fraction bits (default: the 64-bit ring,
             :meth:`RingPlan.wide`).
+        segment: Encode only data elements ``[a, b)`` (see :func:`segment_bounds`),
+            behind their own count slot; default: the whole model.
 
     Returns:
-        A fresh vector of ``schema.vector_size`` ring elements (``plan.dtype``).
+        A fresh vector of ring elements (``plan.dtype``): the count slot, then the
+        segment's elements (``schema.vector_size`` of them for the whole model).
 
     Raises:
         EncodingError: non-finite or too large values, or a bad weight.
@@ -478,47 +556,71 @@ def encode(
     plan = plan or RingPlan.wide(schema)
     if len(plan.frac_bits) != len(schema.tensors):
         raise EncodingError("the ring plan does not match the schema")
-    out = np.empty(schema.vector_size, dtype=plan.dtype)
+    a, b = segment if segment is not None else (0, schema.vector_size - 1)
+    if not 0 <= a <= b <= schema.vector_size - 1:
+        raise EncodingError(f"bad segment [{a}, {b}) of {schema.vector_size - 1} elements")
+    out = np.empty(1 + b - a, dtype=plan.dtype)
     signed = out.view(plan.signed_dtype)
     signed[0] = round(share_of_total * math.ldexp(1.0, plan.count_frac_bits))
     ring = torch.from_numpy(signed)
-    # One float64 scratch chunk for the whole model, reused in place: no
+    # One float64 scratch chunk for the whole segment, reused in place: no
     # temporary of the model's size and no allocation per chunk.
-    scratch = torch.empty(min(ENCODE_CHUNK, schema.vector_size), dtype=torch.float64)
+    scratch = torch.empty(max(1, min(ENCODE_CHUNK, b - a)), dtype=torch.float64)
     pos = 1
-    for spec, f in zip(schema.tensors, plan.frac_bits, strict=True):
+    for t, spec, lo, hi in _pieces(schema, a, b):
         # A power of two times p: exact, so each tensor's scaling rounds only once.
-        scale = share_of_total * math.ldexp(1.0, f)
+        scale = share_of_total * math.ldexp(1.0, plan.frac_bits[t])
         x = state_dict[spec.name].detach()
         if x.device.type != "cpu":
-            x = x.cpu()
+            x = x.reshape(-1)[lo:hi].cpu()  # only this segment's part crosses to the host
+            lo, hi = 0, hi - lo
         flat = x.reshape(-1)
-        for i in range(0, spec.numel, ENCODE_CHUNK):
-            n = min(ENCODE_CHUNK, spec.numel - i)
+        for i in range(lo, hi, ENCODE_CHUNK):
+            n = min(ENCODE_CHUNK, hi - i)
             chunk = scratch[:n]
             chunk.copy_(flat[i : i + n])  # exact: every supported dtype fits float64
             chunk.mul_(scale)
             chunk.round_()  # half to even, as numpy.rint
-            ring[pos + i : pos + i + n].copy_(chunk)  # integral and in range: exact
-        pos += spec.numel
+            ring[pos : pos + n].copy_(chunk)  # integral and in range: exact
+            pos += n
     return out
 
 
-def decode_total(total: np.ndarray, schema: Schema, plan: RingPlan | None = None) -> np.ndarray:
+def decode_total(
+    total: np.ndarray,
+    schema: Schema,
+    plan: RingPlan | None = None,
+    *,
+    segment: tuple[int, int] | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Turn the ring total into the averaged tensors' bytes, each in its own dtype.
 
     Floating tensors get ``S / C`` rounded to their dtype; integer tensors get it
     rounded to the nearest integer (ties to even) and clipped to their range;
     bool tensors become True where at least half the weight said True.
 
+    Args:
+        total: The ring sum of every peer's vector (of one segment).
+        schema: The agreed layout.
+        plan: The round's ring (default: the 64-bit ring).
+        segment: The data elements ``[a, b)`` that ``total`` holds behind its
+            count slot (default: the whole model).
+        out: Where to write: a zeroed, writable ``uint8`` array of the segment's
+            :func:`result_span` (default: a fresh one).
+
+    Returns:
+        ``out``: the result buffer's bytes for the segment (the whole buffer by default).
+
     Raises:
         InvalidTotalError: the summed count slot is not positive (a wrong share or partial sum).
     """
     plan = plan or RingPlan.wide(schema)
-    if total.dtype != plan.dtype or total.size != schema.vector_size:
+    a, b = segment if segment is not None else (0, schema.vector_size - 1)
+    if total.dtype != plan.dtype or total.size != 1 + b - a:
         raise InvalidTotalError(
             f"the ring total has {total.size} {total.dtype} elements, expected "
-            f"{schema.vector_size} {plan.dtype}"
+            f"{1 + b - a} {plan.dtype}"
         )
     signed = total.view(plan.signed_dtype)
     count = float(signed[0])
@@ -526,27 +628,30 @@ def decode_total(total: np.ndarray, schema: Schema, plan: RingPlan | None = None
         raise InvalidTotalError(
             f"the summed count slot is {count}: a member sent a wrong share or partial sum"
         )
-    out = np.zeros(schema.result_nbytes, dtype=np.uint8)
+    base, end = result_span(schema, a, b)
+    if out is None:
+        out = np.zeros(end - base, dtype=np.uint8)
+    elif out.dtype != np.uint8 or out.shape != (end - base,):
+        raise EncodingError(f"decode_total needs a uint8 buffer of {end - base} bytes")
     # One float64 scratch chunk, reused: no model-sized float64 temporary, and no
     # allocation per chunk.
-    scratch = np.empty(min(ENCODE_CHUNK, schema.vector_size), dtype=np.float64)
+    scratch = np.empty(max(1, min(ENCODE_CHUNK, b - a)), dtype=np.float64)
     src = 1
-    for spec, dst, f in zip(schema.tensors, schema.result_offsets, plan.frac_bits, strict=True):
-        if spec.numel == 0:
-            # Nothing to write, and torch refuses to view an empty tensor as bytes
-            # (its last stride is 0), so a zero-element entry is skipped outright.
-            continue
+    offsets = schema.result_offsets
+    for t, spec, lo, hi in _pieces(schema, a, b):
         dtype = spec.torch_dtype
-        # The tensor's slice of the output, viewed in its own dtype: each chunk is
+        # The tensor's part of the output, viewed in its own dtype: each chunk is
         # converted straight into it.
+        dst = offsets[t] + lo * dtype.itemsize - base
+        nbytes = (hi - lo) * dtype.itemsize
         as_numpy = _NUMPY_FLOATS.get(dtype)
         if as_numpy is not None:
-            dest_np = out[dst : dst + spec.nbytes].view(as_numpy)
+            dest_np = out[dst : dst + nbytes].view(as_numpy)
         else:
-            dest = torch.from_numpy(out[dst : dst + spec.nbytes]).view(dtype)
-        power = math.ldexp(1.0, plan.count_frac_bits - f)  # a power of two: exact
-        for i in range(0, spec.numel, ENCODE_CHUNK):
-            n = min(ENCODE_CHUNK, spec.numel - i)
+            dest = torch.from_numpy(out[dst : dst + nbytes]).view(dtype)
+        power = math.ldexp(1.0, plan.count_frac_bits - plan.frac_bits[t])  # a power of two
+        for i in range(0, hi - lo, ENCODE_CHUNK):
+            n = min(ENCODE_CHUNK, hi - lo - i)
             mean = scratch[:n]
             # S / C in float64 (the integer converted inside the division), then
             # an exact power-of-two scaling.
@@ -564,7 +669,7 @@ def decode_total(total: np.ndarray, schema: Schema, plan: RingPlan | None = None
             else:
                 info = torch.iinfo(dtype)
                 dest[i : i + n] = torch.round(value_f64).clamp_(info.min, info.max)
-        src += spec.numel
+        src += hi - lo
     return out
 
 

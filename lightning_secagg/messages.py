@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_ID_LEN = 128
 MAX_ENDPOINT_LEN = 256
 MAX_REASON_LEN = 4096
@@ -30,6 +30,8 @@ MAX_MEMBERS = 100_000
 MAX_SCHEMA_ENTRIES = 100_000
 MAX_NAME_LEN = 1024
 MAX_LEVELS = 64
+#: Bound on a round's segment index (2**42 elements in segments of 2**18).
+MAX_SEGMENTS = 1 << 24
 
 # Matched with ``fullmatch``: ``$`` alone also matches before a trailing newline.
 _Z85_RE = re.compile(r"^[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
@@ -444,11 +446,13 @@ class Share(Message):
     sender: str
     seed: bytes | None
     payload: np.ndarray | None = field(default=None, compare=False, repr=False)
+    segment: int = 0
 
     TYPE: ClassVar[str] = "share"
     PAYLOAD: ClassVar[str | None] = "optional"
     FIELDS: ClassVar[dict[str, Validator]] = {
         "round_id": ident,
+        "segment": integer(0, MAX_SEGMENTS),
         "level": integer(0, MAX_LEVELS),
         "group": integer(0, MAX_MEMBERS),
         "sender": ident,
@@ -463,10 +467,15 @@ class Partial(Message):
     round_id: str
     sender: str
     payload: np.ndarray | None = field(default=None, compare=False, repr=False)
+    segment: int = 0
 
     TYPE: ClassVar[str] = "partial"
     PAYLOAD: ClassVar[str | None] = "required"
-    FIELDS: ClassVar[dict[str, Validator]] = {"round_id": ident, "sender": ident}
+    FIELDS: ClassVar[dict[str, Validator]] = {
+        "round_id": ident,
+        "segment": integer(0, MAX_SEGMENTS),
+        "sender": ident,
+    }
 
 
 @dataclass(frozen=True)
@@ -476,10 +485,15 @@ class Result(Message):
     round_id: str
     sender: str
     payload: np.ndarray | None = field(default=None, compare=False, repr=False)
+    segment: int = 0
 
     TYPE: ClassVar[str] = "result"
     PAYLOAD: ClassVar[str | None] = "required"
-    FIELDS: ClassVar[dict[str, Validator]] = {"round_id": ident, "sender": ident}
+    FIELDS: ClassVar[dict[str, Validator]] = {
+        "round_id": ident,
+        "segment": integer(0, MAX_SEGMENTS),
+        "sender": ident,
+    }
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

@@ -23,8 +23,9 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Literal
 
 import torch
 import zmq
@@ -41,6 +42,8 @@ from lightning_secagg.encoding import (
     encode,
     exponents_to_declare,
     magnitude_exponents,
+    result_span,
+    segment_bounds,
 )
 from lightning_secagg.errors import (
     ConfigurationError,
@@ -70,7 +73,8 @@ from lightning_secagg.messages import (
     SignupRejected,
     ident,
 )
-from lightning_secagg.protocol.peer_round import PeerRound, Send
+from lightning_secagg.protocol.peer_round import Send
+from lightning_secagg.protocol.segmented_round import SEGMENT_ELEMENTS, SegmentedRound
 from lightning_secagg.sealing import CHUNK_BYTES, TAG_BYTES, Envelope, Link, RoundKey, SealedBlob
 from lightning_secagg.security import (
     KeyPair,
@@ -100,6 +104,8 @@ EARLY_BYTES_MARGIN = 1 << 20
 #: Default cap on one frame arriving at the inbox (``ZMQ_MAXMSGSIZE``): 1 GiB,
 #: enough for the dense share of a ~130M-parameter model.
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+#: Messages read off the inbox per wake-up at most, before deadlines are checked again.
+INBOX_BATCH = 64
 
 
 def required_message_bytes(schema: Schema, *, sealed: bool = True) -> int:
@@ -111,7 +117,11 @@ def required_message_bytes(schema: Schema, *, sealed: bool = True) -> int:
     tag, so the bound stops growing with the model; plaintext (``insecure``)
     payloads are one frame. The margin covers a header frame.
     """
-    largest = max(8 * schema.vector_size, schema.result_nbytes)
+    bounds = segment_bounds(schema, SEGMENT_ELEMENTS)
+    largest = max(
+        max(8 * (1 + b - a) for a, b in bounds),
+        max(hi - lo for lo, hi in (result_span(schema, a, b) for a, b in bounds)),
+    )
     if sealed:
         largest = min(largest, CHUNK_BYTES) + TAG_BYTES
     return largest + codec.MAX_PEER_HEADER_BYTES
@@ -162,13 +172,16 @@ class _Round:
 
     assignment: Assignment
     members: dict[str, _Member]
-    state: PeerRound
+    state: SegmentedRound
     assigned_at: float
     #: ``(to them, from them)`` sealed links per member (empty on insecure links).
     links: dict[str, tuple[Link, Link]]
-    #: The result as one ciphertext, forwarded unchanged to every participant we
-    #: serve (sealed links only): as received, or sealed once by a root actor.
-    result_blob: SealedBlob | None = None
+    #: A segment's result as one ciphertext, forwarded unchanged to every
+    #: participant we serve (sealed links only): as received, or sealed once by
+    #: a root actor; kept only during the step that forwards it.
+    result_blobs: dict[int, SealedBlob] = field(default_factory=dict)
+    #: When this peer shared each segment: its phase deadlines count from then.
+    shared_at: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -485,7 +498,7 @@ class Peer:
                 phase_due = self._phase_due(rnd)
                 if phase_due is not None and now >= phase_due[0]:
                     self._give_up(rnd)
-                    raise RoundTimeoutError(self._phase_timeout_message(rnd, phase_due[1]))
+                    raise RoundTimeoutError(self._phase_timeout_message(rnd, *phase_due[1:]))
                 if now >= next_beat:
                     self._heartbeat(rnd)
                     next_beat = now + self.heartbeat_interval
@@ -522,19 +535,26 @@ class Peer:
                     elif msg is not None:
                         self._on_scheduler_message(msg, rnd)
                 if self._inbox in events:
-                    item = self._recv_peer()
-                    if item is None:
-                        continue
-                    if item.round_id in self._finished_rounds:
-                        log.debug(
-                            "peer %s ignores a message of finished round %s",
-                            self.peer_id,
-                            item.round_id,
-                        )
-                    elif rnd is not None:
-                        self._feed(rnd, item)
-                    else:
-                        self._keep_early(item)
+                    # Drain what is queued (a bounded batch) before polling again: one
+                    # poll, deadline check and wake-up per batch rather than per message.
+                    for _ in range(INBOX_BATCH):
+                        item = self._recv_peer()
+                        if item is False:  # the queue is empty
+                            break
+                        if item is None:
+                            continue
+                        if item.round_id in self._finished_rounds:
+                            log.debug(
+                                "peer %s ignores a message of finished round %s",
+                                self.peer_id,
+                                item.round_id,
+                            )
+                        elif rnd is not None:
+                            self._feed(rnd, item)
+                            if rnd.state.done:  # what follows belongs to later rounds
+                                break
+                        else:
+                            self._keep_early(item)
         except RoundFailedError:
             if rnd is not None:
                 self._forget(rnd)
@@ -631,14 +651,22 @@ class Peer:
         links = self._links(msg, round_key)
         if links is None:
             return None
-        state = PeerRound(
+        bounds = segment_bounds(schema, SEGMENT_ELEMENTS)
+        state = SegmentedRound(
             me=self.peer_id,
             round_id=msg.round_id,
             tree=tree,
-            # The values were checked before the sign-up; no second pass over the model.
-            vector=encode(state_dict, schema, share, checked=True, plan=plan),
-            finalize=lambda total: decode_total(total, schema, plan),
-            result_nbytes=schema.result_nbytes,
+            sizes=[1 + b - a for a, b in bounds],
+            dtype=plan.dtype,
+            spans=[result_span(schema, a, b) for a, b in bounds],
+            # Encoded one segment at a time, as the window lets it go; the values
+            # were checked before the sign-up, so no second pass over the model.
+            encode=lambda k: encode(
+                state_dict, schema, share, checked=True, plan=plan, segment=bounds[k]
+            ),
+            finalize=lambda k, total, out: decode_total(
+                total, schema, plan, segment=bounds[k], out=out
+            ),
             random_bytes=self._random_bytes,
             # Sealing copies every payload as _deliver hands it out.
             sends_are_copied=links != {},
@@ -653,7 +681,7 @@ class Peer:
             len(members),
             ", ".join(state.roles),
         )
-        self._deliver(rnd, state.start())
+        self._deliver(rnd, self._step(rnd, state.start))
         early = [item for rid, item, _ in self._early if rid == msg.round_id]
         self._early.clear()
         self._early_bytes = 0
@@ -741,23 +769,36 @@ class Peer:
             stats.bytes_sent,
             stats.bytes_received,
         )
-        # Sealed rounds: the result is a buffer of our own (an opened payload, or our
-        # decoding), and every copy sent on was sealed from it already; on
-        # insecure links the same buffer may still sit in ZeroMQ's send queues.
+        # The result is the round's own buffer (received slices copied in, or our
+        # decoding); sealed, every copy sent on was encrypted from it already. On
+        # insecure links a root actor's decoded slices may still sit in ZeroMQ's
+        # send queues, so the caller gets a copy.
         return decode_result(result, schema, adopt=bool(rnd.links))
 
-    def _phase_due(self, rnd: _Round | None) -> tuple[float, int] | None:
-        """The deadline of the phase this peer waits in, and the phase (None: not in a round)."""
+    def _step(self, rnd: _Round, call: Callable[[], list[Send]]) -> list[Send]:
+        """Run one step of the round and note when each segment it shared went out."""
+        sends = call()
+        now = self._clock()
+        while len(rnd.shared_at) < rnd.state.shared:
+            rnd.shared_at.append(now)
+        return sends
+
+    def _phase_due(self, rnd: _Round | None) -> tuple[float, int, int] | None:
+        """The earliest deadline of a phase this peer waits in, with the phase and its
+        segment (None: not in a round, or waiting for nothing)."""
         if rnd is None:
             return None
-        phase = rnd.state.pending_phase()
-        if phase is None:
-            return None
         depth = rnd.state.tree.depth
-        return phase_deadline(rnd.assigned_at, rnd.assignment.deadline_s, depth, phase), phase
+        due = [
+            (phase_deadline(rnd.shared_at[k], rnd.assignment.deadline_s, depth, phase), phase, k)
+            for k, phase in rnd.state.pending()
+        ]
+        return min(due) if due else None
 
-    def _phase_timeout_message(self, rnd: _Round, phase: int) -> str:
+    def _phase_timeout_message(self, rnd: _Round, phase: int, segment: int) -> str:
         what = describe_phase(rnd.state.tree.depth, phase)
+        if len(rnd.state.segments) > 1:
+            what += f" of segment {segment} (of {len(rnd.state.segments)})"
         return (
             f"peer {self.peer_id} missed the deadline of {what}"
             f" in round {rnd.assignment.round_id} "
@@ -868,7 +909,7 @@ class Peer:
         try:
             # An opened sealed payload is a fresh buffer of ours; on insecure links
             # it is a view of ZeroMQ's frame.
-            sends = rnd.state.receive(msg, payload_owned=bool(rnd.links))
+            sends = self._step(rnd, lambda: rnd.state.receive(msg, payload_owned=bool(rnd.links)))
         except RemoteProtocolError as exc:
             log.warning("peer %s dropped a %s: %s", self.peer_id, msg.TYPE, exc)
             return
@@ -877,8 +918,15 @@ class Peer:
             self._give_up(rnd, str(exc))
             raise
         if blob is not None:  # _open lets blobs through on results only
-            rnd.result_blob = blob  # the round accepted it: it is our result's ciphertext
-        self._deliver(rnd, sends)
+            # The round accepted it: it is this segment's result's ciphertext.
+            rnd.result_blobs[msg.segment] = blob  # type: ignore[attr-defined]
+        try:
+            self._deliver(rnd, sends)
+        finally:
+            # Every forward of a segment's result comes out of the one step that
+            # produced it, so its ciphertext is needed no longer (ZeroMQ keeps
+            # its own references to frames still queued).
+            rnd.result_blobs.clear()
 
     def _deliver(self, rnd: _Round, sends: list[Send]) -> None:
         for send in sends:
@@ -898,15 +946,14 @@ class Peer:
                 ) from exc
 
     def _seal(self, rnd: _Round, send: Send, frames: list) -> list:
-        """Seal one message for its recipient; the result goes as the round's one blob."""
+        """Seal one message for its recipient; a segment's result goes as its one blob."""
         link = rnd.links[send.to][0]
-        result = rnd.state.result
-        if isinstance(send.message, Result) and result is not None:
-            if send.message.payload is not result:  # pragma: no cover - PeerRound sends its own
-                raise LocalProtocolError("a result to send that is not the round's result")
-            if rnd.result_blob is None:  # a root actor: the first to hold it in the clear
-                rnd.result_blob = SealedBlob.seal(result)
-            return link.seal_forward(frames[0], rnd.result_blob)
+        msg = send.message
+        if isinstance(msg, Result) and msg.payload is not None:
+            blob = rnd.result_blobs.get(msg.segment)
+            if blob is None:  # a root actor: the first to hold it in the clear
+                blob = rnd.result_blobs[msg.segment] = SealedBlob.seal(msg.payload)
+            return link.seal_forward(frames[0], blob)
         return link.seal(frames)
 
     def _outbox(self, member: _Member) -> zmq.Socket:
@@ -952,9 +999,13 @@ class Peer:
                 self._early_budget,
             )
 
-    def _recv_peer(self) -> _Inbound | None:
-        """One message off the inbox: its envelope read (sealed) or decoded (insecure)."""
-        frames = self._inbox.recv_multipart(copy=False)  # type: ignore[union-attr]
+    def _recv_peer(self) -> _Inbound | Literal[False] | None:
+        """One message off the inbox: its envelope read (sealed) or decoded (insecure);
+        None for a malformed one (logged), False when nothing is queued."""
+        try:
+            frames = self._inbox.recv_multipart(zmq.NOBLOCK, copy=False)  # type: ignore[union-attr]
+        except zmq.Again:
+            return False
         self._bytes_received += frames_nbytes(frames)
         try:
             if self.insecure:

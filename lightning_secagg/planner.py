@@ -6,21 +6,38 @@ seeded :class:`random.Random` so the preview is reproducible; the scheduler
 itself shuffles with a CSPRNG (``secrets.SystemRandom``), so a real round's tree
 is a different draw with the same shape (same depth, same group sizes).
 
+Rounds move the model through the tree in *segments*
+(:class:`~lightning_secagg.protocol.segmented_round.SegmentedRound`): the data
+elements are cut into runs of
+:data:`~lightning_secagg.protocol.segmented_round.SEGMENT_ELEMENTS`
+(:func:`~lightning_secagg.encoding.segment_bounds`), and each segment is an
+independent pass through the same tree, with its own shares, partial sums and
+result, every message naming its segment in its header.
+
 The byte figures are not a formula: the round is *simulated* with the real
-sans-IO :class:`~lightning_secagg.protocol.peer_round.PeerRound` objects over an
-in-memory queue, on one-element vectors, and every message is then sized as the
-wire sizes it — ``len(msgpack header)`` (the real header, encoded by
-:mod:`lightning_secagg.codec`) plus the payload the real model would carry
-(``ring_bits / 8 * Schema.vector_size`` for a dense share or a partial sum,
-``Schema.result_nbytes`` for the result). That is what
+sans-IO protocol objects (one
+:class:`~lightning_secagg.protocol.peer_round.PeerRound` per segment, driven by
+a ``SegmentedRound`` per peer) over an in-memory queue, on one-element
+vectors, and every message is then sized as the wire sizes it:
+``len(msgpack header)`` (the real header, segment index included, encoded by
+:mod:`lightning_secagg.codec`) plus the payload the real segment would carry
+(``ring_bits / 8 * (1 + b - a)`` for a dense share or a partial sum of segment
+``[a, b)``, its own count slot included; the segment's
+:func:`~lightning_secagg.encoding.result_span` for its result). Sealed, each
+message's payload is sealed in chunks of its own, and every message on a link
+has the next sequence number in its envelope. That is what
 :func:`lightning_secagg.transport.frames_nbytes` counts and what a peer reports in
 :class:`~lightning_secagg.peer.RoundStats`; ZeroMQ's framing and CurveZMQ's
 per-frame overhead (a few dozen bytes a frame) are not included in either.
 
 Which actor receives a participant's dense share is random in a real round
-(drawn from the peer's ``random_bytes``), so an actor's *received* bytes vary
-from round to round; what a peer *sends* does not. :class:`PeerPlan` gives the
-figure for the simulated draw and the ``[min, max]`` range over all draws.
+(drawn from the peer's ``random_bytes``, independently for every segment and
+level), so an actor's *received* bytes vary from round to round; what a peer
+*sends* does not. :class:`PeerPlan` gives the figure for the simulated draw
+and the ``[min, max]`` range over all draws. (With a deterministic
+``random_bytes``, a single-segment round reproduces the simulated draw exactly;
+in a round of several segments an actor consumes its stream in the order its
+segments' shares complete, which timing decides, so only the range is meaningful.)
 
 The ring is chosen as the scheduler chooses it: the compact ring Z_2^32 (4-byte
 elements) when every member declares its magnitude exponents
@@ -55,6 +72,8 @@ from lightning_secagg.encoding import (
     TensorSpec,
     compact_ring_allowed,
     exponents_to_declare,
+    result_span,
+    segment_bounds,
 )
 from lightning_secagg.errors import ConfigurationError
 from lightning_secagg.messages import (
@@ -67,7 +86,8 @@ from lightning_secagg.messages import (
     Signup,
     SignupAck,
 )
-from lightning_secagg.protocol.peer_round import PeerRound, Send
+from lightning_secagg.protocol.peer_round import Send
+from lightning_secagg.protocol.segmented_round import SEGMENT_ELEMENTS, SegmentedRound
 from lightning_secagg.sealing import CHUNK_BYTES, TAG_BYTES, Envelope, sealed_extra_bytes
 from lightning_secagg.sharing import SEED_BYTES, RandomBytes
 from lightning_secagg.tree import AggregationTree, build_tree, privacy_warnings
@@ -250,7 +270,8 @@ class RingChoice:
 class PeerPlan:
     """What one peer sends and receives in one round, in bytes on the wire.
 
-    ``p2p_*`` is traffic between peers (shares, partial sums, results);
+    ``p2p_*`` is traffic between peers (shares, partial sums, results, of
+    every segment);
     ``scheduler_*`` is the sign-up it sends and the acknowledgement and
     assignment it receives. The ``done`` report goes out after a peer's stats
     are taken, so it is not in ``bytes_sent`` (its size is :attr:`Plan.done_bytes`).
@@ -308,7 +329,11 @@ class RoleSummary:
 
 @dataclass(frozen=True)
 class Plan:
-    """A previewed round: its tree, its privacy threshold and every peer's bytes."""
+    """A previewed round: its tree, its privacy threshold and every peer's bytes.
+
+    ``segment_elements`` is the segment length the round was simulated with
+    (the protocol's :data:`~lightning_secagg.protocol.segmented_round.SEGMENT_ELEMENTS`).
+    """
 
     tree: AggregationTree
     schema: Schema
@@ -317,6 +342,7 @@ class Plan:
     done_bytes: int
     warnings: tuple[str, ...] = field(default=())
     ring: RingChoice = field(default=RingChoice(64, None, None))
+    segment_elements: int = SEGMENT_ELEMENTS
 
     @property
     def num_peers(self) -> int:
@@ -344,14 +370,38 @@ class Plan:
         return self.ring.ring_bits
 
     @property
+    def segments(self) -> list[tuple[int, int]]:
+        """The segments' ``[a, b)`` ranges of data elements (see
+        :func:`~lightning_secagg.encoding.segment_bounds`)."""
+        return segment_bounds(self.schema, self.segment_elements)
+
+    @property
+    def num_segments(self) -> int:
+        """Segments the model travels in: each a pass through the tree of its own."""
+        return len(self.segments)
+
+    @property
     def dense_bytes(self) -> int:
-        """Payload of a dense share or a partial sum: ``ring_bits / 8 * vector_size``."""
-        return self.ring.element_bytes * self.schema.vector_size
+        """Payload of a dense share or a partial sum, all segments together:
+        ``ring_bits / 8`` per data element and per segment's count slot."""
+        return self.ring.element_bytes * (self.params + self.num_segments)
+
+    @property
+    def segment_dense_bytes(self) -> int:
+        """The largest payload of one dense share or partial sum (of one segment)."""
+        return self.ring.element_bytes * max(1 + b - a for a, b in self.segments)
 
     @property
     def result_bytes(self) -> int:
-        """Payload of the result: every tensor in its own dtype, 8-byte aligned."""
+        """Payload of the result, all segments together: every tensor in its own
+        dtype, 8-byte aligned."""
         return self.schema.result_nbytes
+
+    @property
+    def segment_result_bytes(self) -> int:
+        """The largest payload of one result message (one segment's span)."""
+        spans = (result_span(self.schema, a, b) for a, b in self.segments)
+        return max(hi - lo for lo, hi in spans)
 
     def peer(self, peer_id: str) -> PeerPlan:
         """The plan of one peer.
@@ -434,6 +484,10 @@ class Plan:
                 "schema": self.schema.to_wire(),
                 "dense_share_bytes": self.dense_bytes,
                 "result_bytes": self.result_bytes,
+                "segments": self.num_segments,
+                "segment_elements": self.segment_elements,
+                "segment_dense_share_bytes": self.segment_dense_bytes,
+                "segment_result_bytes": self.segment_result_bytes,
             },
             "summary": [
                 {
@@ -480,10 +534,13 @@ class Plan:
             "",
             f"Bytes per round for a model of {self.params:,} elements "
             f"({_describe_schema(self.schema)}):",
-            f"  dense share or partial sum: {self.dense_bytes:,} B payload "
-            f"({self.ring.element_bytes} B x {self.schema.vector_size:,}: count slot + elements); "
+            f"  in {self._describe_segments()}, each a pass through the tree of its own",
+            f"  dense share or partial sum: {self.dense_bytes:,} B payload in all "
+            f"({self.ring.element_bytes} B x {self.params + self.num_segments:,}: the elements "
+            f"+ a count slot per segment), at most {self.segment_dense_bytes:,} B a message; "
             f"seed share: {SEED_BYTES} B seed in the header; "
-            f"result: {self.result_bytes:,} B payload",
+            f"result: {self.result_bytes:,} B payload in all, "
+            f"at most {self.segment_result_bytes:,} B a message",
             "  headers (msgpack) included; ZeroMQ/CurveZMQ framing not included",
             "",
         ]
@@ -514,6 +571,12 @@ class Plan:
             lines += _table(rows)
         return "\n".join(lines)
 
+    def _describe_segments(self) -> str:
+        n = self.num_segments
+        if n == 1:
+            return f"1 segment (at most {self.segment_elements:,} elements a segment)"
+        return f"{n:,} segments of at most {self.segment_elements:,} elements"
+
     def _describe_ring(self) -> str:
         if self.ring_bits == 32:
             return (
@@ -531,12 +594,13 @@ def _kind_order(kind: str) -> int:
     return int(re.split(r"[ -]", kind)[-1])  # "actor at level 0", "actor at levels 0-3"
 
 
-def _kind(state: PeerRound) -> str:
-    if state.is_root_actor:
+def _kind(state: SegmentedRound) -> str:
+    first = state.segments[0]  # every segment has the same roles
+    if first.is_root_actor:
         return "root actor"
-    if not state.acted:
+    if not first.acted:
         return "leaf (level 0 only)"
-    top = max(g.level for g in state.acted)
+    top = max(g.level for g in first.acted)
     return "actor at level 0" if top == 0 else f"actor at levels 0-{top}"
 
 
@@ -565,41 +629,88 @@ def _describe_schema(schema: Schema) -> str:
     return f"{len(schema.tensors)} tensors, {'/'.join(dtypes)}"
 
 
-def payload_size(message: Message, schema: Schema, ring_bits: int = 64) -> int:
+def _segment_of(
+    schema: Schema, segment: int, segment_elements: int = SEGMENT_ELEMENTS
+) -> tuple[int, int]:
+    """The ``[a, b)`` data elements of segment ``segment``, as
+    ``segment_bounds(schema, segment_elements)[segment]`` (without building the list).
+
+    Raises:
+        ConfigurationError: ``segment_elements`` is not a positive int, or the
+            model has no such segment.
+    """
+    if (
+        isinstance(segment_elements, bool)
+        or not isinstance(segment_elements, int)
+        or segment_elements < 1
+    ):
+        raise ConfigurationError(f"segment_elements must be an int >= 1, got {segment_elements!r}")
+    data = schema.vector_size - 1
+    count = -(-data // segment_elements)
+    if isinstance(segment, bool) or not isinstance(segment, int) or not 0 <= segment < count:
+        raise ConfigurationError(f"segment {segment!r} of a model of {count} segments")
+    a = segment * segment_elements
+    return a, min(a + segment_elements, data)
+
+
+def payload_size(
+    message: Message,
+    schema: Schema,
+    ring_bits: int = 64,
+    *,
+    segment_elements: int = SEGMENT_ELEMENTS,
+) -> int:
     """Bytes of ``message``'s payload for a model of ``schema`` (0 without one).
 
-    ``ring_bits / 8`` bytes per element of a dense share or a partial sum; a
-    result holds every tensor in its own dtype.
+    Every share, partial sum and result belongs to one segment of the model,
+    ``message.segment``, whose data elements are ``[a, b)`` (see
+    :func:`~lightning_secagg.encoding.segment_bounds`): a dense share or a
+    partial sum holds ``ring_bits / 8`` bytes per element of the segment and of
+    its own count slot, ``ring_bits / 8 * (1 + b - a)``; a result holds the
+    segment's bytes of the result buffer, every tensor in its own dtype
+    (:func:`~lightning_secagg.encoding.result_span`).
+
+    Raises:
+        ConfigurationError: ``ring_bits`` is not 32 or 64, or the message's
+            segment is not one of the model's.
     """
     if ring_bits not in RING_DTYPES:
         raise ConfigurationError(f"ring_bits must be 32 or 64, got {ring_bits!r}")
-    dense = ring_bits // 8 * schema.vector_size
-    if isinstance(message, Share):
-        return dense if message.seed is None else 0
-    if isinstance(message, Partial):
-        return dense
+    if not isinstance(message, (Share, Partial, Result)):
+        return 0
+    a, b = _segment_of(schema, message.segment, segment_elements)
     if isinstance(message, Result):
-        return schema.result_nbytes
-    return 0
+        lo, hi = result_span(schema, a, b)
+        return hi - lo
+    if isinstance(message, Share) and message.seed is not None:
+        return 0
+    return ring_bits // 8 * (1 + b - a)
 
 
 def wire_size(
-    message: Message, schema: Schema, ring_bits: int = 64, *, seal: Envelope | None = None
+    message: Message,
+    schema: Schema,
+    ring_bits: int = 64,
+    *,
+    seal: Envelope | None = None,
+    segment_elements: int = SEGMENT_ELEMENTS,
 ) -> int:
     """Bytes ``message`` takes on the wire for a model of ``schema``.
 
-    The header is encoded by the real codec; the payload is sized for the real
-    model (the simulation runs on one-element vectors), see :func:`payload_size`.
-    With ``seal`` (the envelope of sealed round traffic between peers, see
+    The header is encoded by the real codec (segment index included); the
+    payload is sized for the message's segment of the real model (the
+    simulation runs on one-element vectors), see :func:`payload_size`. With
+    ``seal`` (the envelope of sealed round traffic between peers, see
     :mod:`lightning_secagg.sealing`), the envelope frame and what sealing adds
     are counted: a 16-byte tag per sealed part (the header, then each chunk of
     the payload), and for a result, forwarded as one ciphertext, the blob key
     and a link tag per chunk (:func:`~lightning_secagg.sealing.sealed_extra_bytes`).
 
     Raises:
-        ConfigurationError: ``ring_bits`` is not 32 or 64.
+        ConfigurationError: ``ring_bits`` is not 32 or 64, or the message's
+            segment is not one of the model's.
     """
-    payload = payload_size(message, schema, ring_bits)
+    payload = payload_size(message, schema, ring_bits, segment_elements=segment_elements)
     size = len(codec.encode(message)[0]) + payload
     if seal is not None:
         size += len(seal.pack()) + sealed_extra_bytes(
@@ -613,24 +724,28 @@ def sealed_parts(payload_bytes: int) -> int:
     return 1 + -(-payload_bytes // CHUNK_BYTES)
 
 
-_TINY_RESULT_BYTES = 8
-
-
 def _simulate(
     tree: AggregationTree,
     round_id: str,
     random_bytes_for: Callable[[str], RandomBytes],
     ring_bits: int,
-) -> tuple[dict[str, PeerRound], list[Send]]:
-    """Run the round with real PeerRounds on one-element vectors; return every delivered send."""
+    num_segments: int,
+) -> tuple[dict[str, SegmentedRound], list[Send]]:
+    """Run the round with a real SegmentedRound per peer (a real PeerRound per
+    segment), every segment a one-element vector; return every delivered send."""
+    dtype = RING_DTYPES[ring_bits]
+    # One byte of the result buffer per segment: the spans only have to tile it.
+    spans = [(k, k + 1) for k in range(num_segments)]
     states = {
-        pid: PeerRound(
+        pid: SegmentedRound(
             me=pid,
             round_id=round_id,
             tree=tree,
-            vector=np.zeros(1, dtype=RING_DTYPES[ring_bits]),
-            finalize=lambda _total: np.zeros(_TINY_RESULT_BYTES, dtype=np.uint8),
-            result_nbytes=_TINY_RESULT_BYTES,
+            sizes=[1] * num_segments,
+            dtype=dtype,
+            spans=spans,
+            encode=lambda _k: np.zeros(1, dtype=dtype),
+            finalize=lambda _k, _total, out: out,
             random_bytes=random_bytes_for(pid),
         )
         for pid in tree.members
@@ -660,8 +775,15 @@ def predict(
     random_bytes_for: Callable[[str], RandomBytes] | None = None,
     seed: int | None = None,
     warnings: Sequence[str] = (),
+    segment_elements: int = SEGMENT_ELEMENTS,
 ) -> Plan:
     """Every member's bytes for one round over ``tree``.
+
+    The round moves the model in segments (``segment_bounds(schema,
+    segment_elements)``), each a pass through the tree with messages of its
+    own; the simulation runs them all, as a real round does, with at most
+    :data:`~lightning_secagg.protocol.segmented_round.DEFAULT_WINDOW` of each
+    peer's own segments in flight.
 
     The round's ring is what the scheduler would pick from the members'
     declarations (:class:`RingChoice`); it sizes every dense share and partial
@@ -682,14 +804,18 @@ def predict(
             draws exactly; a deterministic stream per peer when omitted.
         seed: Recorded in the plan, for display.
         warnings: Privacy warnings to show.
+        segment_elements: Data elements per segment: the protocol's
+            :data:`~lightning_secagg.protocol.segmented_round.SEGMENT_ELEMENTS`,
+            which every real peer uses (another value predicts no real round).
 
     Returns:
         The plan; ``plan.peer(id).bytes_sent`` is what that peer's
         ``RoundStats.bytes_sent`` reports after the same round.
 
     Raises:
-        ConfigurationError: the members are not the tree's, or a member's
-            ``ring`` or exponents are invalid.
+        ConfigurationError: the members are not the tree's, a member's
+            ``ring`` or exponents are invalid, or ``segment_elements`` is not a
+            positive int.
     """
     if members is None:
         members = [
@@ -703,50 +829,57 @@ def predict(
     declared = [m.declared(schema) for m in members]
     ring = RingChoice.of(schema, declared)
     ring_bits = ring.ring_bits
-    states, delivered = _simulate(tree, round_id, random_bytes_for, ring_bits)
+    bounds = segment_bounds(schema, segment_elements)
+    states, delivered = _simulate(tree, round_id, random_bytes_for, ring_bits, len(bounds))
     sealed = all(m.public_key for m in members)  # an insecure round sends plaintext
     next_seq: dict[tuple[str, str], int] = {}
     p2p_sent = dict.fromkeys(states, 0)
     p2p_recv = dict.fromkeys(states, 0)
     n_sent = dict.fromkeys(states, 0)
     n_recv = dict.fromkeys(states, 0)
-    dense_got: dict[tuple[str, int, int], int] = {}
-    # A dense share instead of a seed: header bin8(32) -> nil, plus the payload
-    # (and, sealed, a tag per payload chunk; the envelope's part count stays a fixint).
-    dense_payload = ring.element_bytes * schema.vector_size
-    dense_extra = dense_payload - SEED_BYTES - 1
-    if sealed:
-        dense_extra += TAG_BYTES * (sealed_parts(dense_payload) - 1)
+    # (actor, segment, level, group) -> dense shares it got in the simulated draw
+    dense_got: dict[tuple[str, int, int, int], int] = {}
     for send in delivered:
-        sender = getattr(send.message, "sender", None)
+        msg = send.message
+        sender = getattr(msg, "sender", None)
         if not isinstance(sender, str):  # pragma: no cover - every peer message names its sender
-            raise RuntimeError(f"message without a sender: {send.message!r}")
+            raise RuntimeError(f"message without a sender: {msg!r}")
         envelope = None
         if sealed:
+            # Sequence numbers run per link across the whole round, every segment's
+            # messages included; a link's envelopes add up to the same bytes
+            # whatever order its messages leave in.
             seq = next_seq.get((sender, send.to), 0)
             next_seq[(sender, send.to)] = seq + 1
-            parts = sealed_parts(payload_size(send.message, schema, ring_bits))
-            envelope = Envelope(round_id, sender, seq, parts)
-        size = wire_size(send.message, schema, ring_bits, seal=envelope)
+            payload = payload_size(msg, schema, ring_bits, segment_elements=segment_elements)
+            envelope = Envelope(round_id, sender, seq, sealed_parts(payload))
+        size = wire_size(msg, schema, ring_bits, seal=envelope, segment_elements=segment_elements)
         p2p_sent[sender] += size
         n_sent[sender] += 1
         p2p_recv[send.to] += size
         n_recv[send.to] += 1
-        msg = send.message
         if isinstance(msg, Share) and msg.seed is None:
-            key = (send.to, msg.level, msg.group)
+            key = (send.to, msg.segment, msg.level, msg.group)
             dense_got[key] = dense_got.get(key, 0) + 1
-    # Received range: a non-actor participant's dense share goes to one of its
-    # group's actors at random. For each actor, count the shares it could get.
+    # Received range: a non-actor participant's dense share of each segment goes
+    # to one of its group's actors, drawn anew for every segment. For each actor
+    # and segment, count the shares it could get. A dense share instead of a
+    # seed: header bin8(32) -> nil, plus the segment's payload (and, sealed, a tag
+    # per payload chunk; the envelope's part count stays a fixint).
     low = dict(p2p_recv)
     high = dict(p2p_recv)
-    for level in tree.levels:
-        for g in level:
-            senders = [p for p in g.participants if p not in g.actors]
-            for actor in g.actors:
-                got_dense = dense_got.get((actor, g.level, g.index), 0)
-                low[actor] -= got_dense * dense_extra
-                high[actor] += (len(senders) - got_dense) * dense_extra
+    for k, (a, b) in enumerate(bounds):
+        dense_payload = ring.element_bytes * (1 + b - a)
+        dense_extra = dense_payload - SEED_BYTES - 1
+        if sealed:
+            dense_extra += TAG_BYTES * (sealed_parts(dense_payload) - 1)
+        for level in tree.levels:
+            for g in level:
+                senders = sum(1 for p in g.participants if p not in g.actors)
+                for actor in g.actors:
+                    got_dense = dense_got.get((actor, k, g.level, g.index), 0)
+                    low[actor] -= got_dense * dense_extra
+                    high[actor] += (senders - got_dense) * dense_extra
     assignment = Assignment(
         session=session,
         round_id=round_id,
@@ -800,6 +933,7 @@ def predict(
         done_bytes=wire_size(done, schema, ring_bits),
         warnings=tuple(warnings),
         ring=ring,
+        segment_elements=segment_elements,
     )
 
 
@@ -817,6 +951,10 @@ def plan(
     exponents: Sequence[int] | None = None,
 ) -> Plan:
     """Build the tree the scheduler would build and predict every peer's bytes.
+
+    The round is simulated as :func:`predict` does, every segment of the model
+    (:data:`~lightning_secagg.protocol.segmented_round.SEGMENT_ELEMENTS` elements
+    each) a pass through the tree of its own.
 
     Args:
         target_size: Peers per round.

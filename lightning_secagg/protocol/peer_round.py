@@ -86,7 +86,9 @@ class PeerRound:
         round_id: The round's id; messages of other rounds are refused.
         tree: The round's tree, as assigned by the scheduler.
         vector: This peer's encoded vector (``uint64`` or ``uint32``: the round's
-            ring); consumed (shares are made in place).
+            ring); consumed (shares are made in place). None: it is handed to
+            :meth:`start` instead (encoded only when needed), and ``size`` and
+            ``dtype`` say what it will be.
         finalize: Turns the ring total into the result buffer; only root actors call it.
         result_nbytes: Size every result buffer must have.
         random_bytes: Randomness for seeds and for picking the actor that gets the dense share.
@@ -95,6 +97,11 @@ class PeerRound:
             sent may be written to afterwards. A root actor then sums the partial
             sums into its own partial instead of a copy of it. Leave False for a
             zero-copy transport, which may still be reading sent buffers.
+        segment: The segment of the model this round moves (see
+            :class:`~lightning_secagg.protocol.segmented_round.SegmentedRound`);
+            every message it sends names it, and messages naming another are refused.
+        size: Ring elements of the vector, when ``vector`` is None.
+        dtype: The ring's dtype, when ``vector`` is None.
     """
 
     def __init__(
@@ -102,22 +109,29 @@ class PeerRound:
         me: str,
         round_id: str,
         tree: AggregationTree,
-        vector: np.ndarray,
+        vector: np.ndarray | None,
         finalize: Callable[[np.ndarray], np.ndarray],
         result_nbytes: int,
         random_bytes: RandomBytes,
         *,
         sends_are_copied: bool = False,
+        segment: int = 0,
+        size: int | None = None,
+        dtype: np.dtype | None = None,
     ) -> None:
         if tree.group_of(me, 0) is None:
             raise LocalProtocolError(f"{me} is not a member of round {round_id}")
-        if vector.dtype not in RING_DTYPES or vector.ndim != 1:
-            raise LocalProtocolError("the encoded vector must be a 1-d uint64 or uint32 array")
+        if vector is not None:
+            size, dtype = vector.size, vector.dtype
+            self._check_vector(vector, size, dtype)
+        elif size is None or dtype is None or dtype not in RING_DTYPES or size < 1:
+            raise LocalProtocolError("without a vector, give its size and ring dtype")
         self.me = me
         self.round_id = round_id
+        self.segment = segment
         self.tree = tree
-        self.size = vector.size
-        self.dtype = vector.dtype
+        self.size = size
+        self.dtype = np.dtype(dtype)
         self.result_nbytes = result_nbytes
         self._vector: np.ndarray | None = vector
         self._finalize = finalize
@@ -154,19 +168,36 @@ class PeerRound:
             roles.append("root-actor")
         return tuple(roles)
 
-    def start(self) -> list[Send]:
+    def start(self, vector: np.ndarray | None = None) -> list[Send]:
         """Send this peer's level-0 shares.
 
+        Args:
+            vector: The encoded vector, if it was not given to the constructor.
+
         Raises:
-            LocalProtocolError: called twice.
+            LocalProtocolError: called twice, or without the vector, or with one
+                of the wrong size or dtype.
         """
         if self.started:
             raise LocalProtocolError("round already started")
+        if (vector is None) == (self._vector is None):
+            raise LocalProtocolError("give the vector to the constructor or to start(), once")
+        if vector is not None:
+            self._check_vector(vector, self.size, self.dtype)
+        else:
+            vector, self._vector = self._vector, None
         self.started = True
-        vector, self._vector = self._vector, None
-        if vector is None:  # pragma: no cover - guarded by ``started``
-            raise LocalProtocolError("the vector was already consumed")
-        return self._participate(0, vector)
+        return self._participate(0, vector)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _check_vector(vector: np.ndarray, size: int, dtype: np.dtype) -> None:
+        if vector.dtype not in RING_DTYPES or vector.ndim != 1:
+            raise LocalProtocolError("the encoded vector must be a 1-d uint64 or uint32 array")
+        if vector.size != size or vector.dtype != dtype:
+            raise LocalProtocolError(
+                f"the encoded vector has {vector.size} {vector.dtype} elements, "
+                f"expected {size} {dtype}"
+            )
 
     def receive(self, message: Message, *, payload_owned: bool = False) -> list[Send]:
         """Feed one message from another peer; return what to send in consequence.
@@ -183,6 +214,8 @@ class PeerRound:
         """
         if getattr(message, "round_id", None) != self.round_id:
             raise RemoteProtocolError(f"message for round {getattr(message, 'round_id', None)!r}")
+        if isinstance(message, (Share, Partial, Result)) and message.segment != self.segment:
+            raise RemoteProtocolError(f"message for segment {message.segment}, not {self.segment}")
         if isinstance(message, Share):
             acc = self._accs.get((message.level, message.group))
             if acc is None:
@@ -215,8 +248,13 @@ class PeerRound:
             if self.result is not None:
                 raise RemoteProtocolError("duplicate result")
             payload = message.payload
-            if payload is None or payload.nbytes != self.result_nbytes:
-                raise RemoteProtocolError("result has the wrong size")
+            if (
+                payload is None
+                or payload.dtype != np.uint8
+                or payload.ndim != 1
+                or payload.nbytes != self.result_nbytes
+            ):
+                raise RemoteProtocolError("result has the wrong size, or is not a 1-d byte buffer")
             return self._distribute(payload)
         raise RemoteProtocolError(f"unexpected {type(message).__name__} between peers")
 
@@ -278,7 +316,7 @@ class PeerRound:
                     owned=True,
                 )
             else:
-                msg = Share(self.round_id, level, group.index, self.me, seed, payload)
+                msg = Share(self.round_id, level, group.index, self.me, seed, payload, self.segment)
                 out.insert(0, Send(actor, msg))
         return out
 
@@ -340,7 +378,7 @@ class PeerRound:
 
     def _root_exchange(self, partial: np.ndarray) -> list[Send]:
         out = [
-            Send(actor, Partial(self.round_id, self.me, partial))
+            Send(actor, Partial(self.round_id, self.me, partial, self.segment))
             for actor in self.tree.root.actors
             if actor != self.me
         ]
@@ -363,5 +401,7 @@ class PeerRound:
         for group in self.acted:
             for participant in group.participants:
                 if designated_actor(group, participant) == self.me:
-                    out.append(Send(participant, Result(self.round_id, self.me, result)))
+                    out.append(
+                        Send(participant, Result(self.round_id, self.me, result, self.segment))
+                    )
         return out

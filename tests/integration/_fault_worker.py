@@ -48,9 +48,10 @@ class FaultyPeer(Peer):
         self.die_role, self.die_how, self.marker = die_role, die_how, marker
 
     def _role(self, rnd: Any) -> str:
-        if rnd.state.is_root_actor:
+        first = rnd.state.segments[0]  # roles are the same in every segment
+        if first.is_root_actor:
             return "root"
-        return "actor" if rnd.state.acted else "leaf"
+        return "actor" if first.acted else "leaf"
 
     def _die(self, rnd: Any) -> None:
         try:
@@ -79,7 +80,12 @@ class FaultyPeer(Peer):
             # level-0 group completed late, the root level could complete at once).
             self._die(rnd)
         super()._feed_message(rnd, msg, blob)
-        if mine and self.die_role == "actor" and msg.level == 0 and rnd.state.pending_phase() == 0:
+        if (
+            mine
+            and self.die_role == "actor"
+            and msg.level == 0
+            and rnd.state.segments[msg.segment].pending_phase() == 0
+        ):
             self._die(rnd)  # it holds shares of level 0 and waits for the rest
 
 

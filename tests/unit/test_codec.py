@@ -163,9 +163,9 @@ def test_empty_message():
         b"",
         b"\xc1",  # never used in msgpack
         b"\x92\x01",  # truncated array
-        msgpack.packb({"v": 1, "t": "leave", "session": "s"})[:-3],  # truncated map
+        msgpack.packb({"v": PROTOCOL_VERSION, "t": "leave", "session": "s"})[:-3],  # truncated map
         msgpack.packb({"v": 1}) + b"\x00",  # trailing bytes
-        pickle.dumps({"v": 1, "t": "leave", "session": "s", "peer_id": "p"}),
+        pickle.dumps({"v": PROTOCOL_VERSION, "t": "leave", "session": "s", "peer_id": "p"}),
         pickle.dumps(Leave("s", "p")),
     ],
 )
@@ -178,7 +178,7 @@ def test_header_not_a_map(value):
     refused([msgpack.packb(value, use_bin_type=True)], "not a map")
 
 
-@pytest.mark.parametrize("version", [0, 2, None, "1", True, 1.0, [1]])
+@pytest.mark.parametrize("version", [0, 1, 3, None, "2", True, 2.0, [2]])
 def test_wrong_version(version):
     frame = header_frame(v=version, t="leave", session="s", peer_id="p")
     refused([frame], "unsupported protocol version")
@@ -190,20 +190,30 @@ def test_missing_version():
 
 @pytest.mark.parametrize("kind", ["nope", "", None, 3, ["leave"], {"a": 1}, b"leave", "LEAVE"])
 def test_unknown_type(kind):
-    refused([header_frame(v=1, t=kind, session="s", peer_id="p")], "unknown message type")
+    refused(
+        [header_frame(v=PROTOCOL_VERSION, t=kind, session="s", peer_id="p")], "unknown message type"
+    )
 
 
 def test_msgpack_ext_types_refused():
     ext = msgpack.ExtType(5, b"abcd")
-    refused([msgpack.packb({"v": 1, "t": "leave", "session": ext, "peer_id": "p"})], "msgpack")
+    refused(
+        [msgpack.packb({"v": PROTOCOL_VERSION, "t": "leave", "session": ext, "peer_id": "p"})],
+        "msgpack",
+    )
     ts = msgpack.Timestamp(1, 0)
-    refused([msgpack.packb({"v": 1, "t": "leave", "session": ts, "peer_id": "p"})], "msgpack")
+    refused(
+        [msgpack.packb({"v": PROTOCOL_VERSION, "t": "leave", "session": ts, "peer_id": "p"})],
+        "msgpack",
+    )
 
 
 def test_non_string_map_keys_refused():
-    raw = msgpack.packb({1: 1, "v": 1, "t": "leave", "session": "s", "peer_id": "p"})
+    raw = msgpack.packb({1: 1, "v": PROTOCOL_VERSION, "t": "leave", "session": "s", "peer_id": "p"})
     refused([raw], "not valid msgpack")
-    raw = msgpack.packb({b"x": 1, "v": 1, "t": "leave", "session": "s", "peer_id": "p"})
+    raw = msgpack.packb(
+        {b"x": 1, "v": PROTOCOL_VERSION, "t": "leave", "session": "s", "peer_id": "p"}
+    )
     refused([raw], "unexpected fields")
 
 
@@ -213,7 +223,16 @@ def test_deeply_nested_header_refused():
 
 
 def test_long_bin_refused_before_validation():
-    frame = header_frame(v=1, t="share", round_id="r", level=0, group=0, sender="a", seed=b"x" * 65)
+    frame = header_frame(
+        v=PROTOCOL_VERSION,
+        t="share",
+        round_id="r",
+        segment=0,
+        level=0,
+        group=0,
+        sender="a",
+        seed=b"x" * 65,
+    )
     refused([frame], "not valid msgpack")
 
 
@@ -460,7 +479,7 @@ def test_allowed_filter(message):
 
 def test_allowed_is_checked_before_fields():
     # A malformed Signup on a peer socket is refused for its type, not its fields.
-    frame = header_frame(v=1, t="signup")
+    frame = header_frame(v=PROTOCOL_VERSION, t="signup")
     refused([frame], "not accepted here", allowed=PEER_TO_PEER)
     refused([frame], "missing field")
 

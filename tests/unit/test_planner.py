@@ -9,7 +9,13 @@ import pytest
 from lightning_secagg import ConfigurationError
 from lightning_secagg.cli import main
 from lightning_secagg.codec import encode
-from lightning_secagg.encoding import COMPACT_MAX_PEERS, Schema, TensorSpec
+from lightning_secagg.encoding import (
+    COMPACT_MAX_PEERS,
+    Schema,
+    TensorSpec,
+    result_span,
+    segment_bounds,
+)
 from lightning_secagg.messages import Assignment, Partial, Result, Share, Signup, SignupAck
 from lightning_secagg.planner import (
     Member,
@@ -19,10 +25,12 @@ from lightning_secagg.planner import (
     default_peer_ids,
     members_from,
     model_schema,
+    payload_size,
     plan,
     predict,
     wire_size,
 )
+from lightning_secagg.protocol.segmented_round import SEGMENT_ELEMENTS
 from lightning_secagg.sealing import Envelope
 from lightning_secagg.tree import level_sizes
 
@@ -52,46 +60,108 @@ def test_depth_for_1000_peers_is_the_documented_14():
     assert plan(1000, 3, 2, params=1).depth == 14
 
 
-@pytest.mark.parametrize(("ring", "element_bytes"), [("auto", 4), ("64", 8)])
-def test_leaf_sends_one_dense_share_and_seeds_and_receives_the_result(ring, element_bytes):
-    params = 1_200_000
-    p = plan(30, 3, 2, params=params, ring=ring)
+@pytest.mark.parametrize(
+    ("n", "params", "ring", "element_bytes"),
+    [
+        (30, 1_200_000, "auto", 4),  # 5 segments
+        (30, 1_200_000, "64", 8),
+        (6, 10, "auto", 4),  # one segment
+        # 201 segments: from segment 128 on, the segment index in every header and
+        # the sequence number in every envelope take two msgpack bytes
+        (6, 200 * SEGMENT_ELEMENTS + 7, "auto", 4),
+    ],
+)
+def test_leaf_sends_one_dense_share_and_seeds_and_receives_the_result_per_segment(
+    n, params, ring, element_bytes
+):
+    p = plan(n, 3, 2, params=params, ring=ring)
     assert p.ring_bits == 8 * element_bytes
+    bounds = segment_bounds(model_schema(params), SEGMENT_ELEMENTS)
+    assert p.num_segments == len(bounds) == -(-params // SEGMENT_ELEMENTS)
     leaf = next(x for x in p.peers if x.kind.startswith("leaf"))
     assert leaf.roles == ("participant@0",)
-    header = len(encode(Share("0" * 16, 0, 0, leaf.peer_id, None))[0])
-    seed_header = len(encode(Share("0" * 16, 0, 0, leaf.peer_id, bytes(32)))[0])
-    assert seed_header == header + 33  # bin8 of 32 bytes instead of nil
+    sender = "peer-00000000"  # ids have one length: no size depends on which one
+
     # Sealed round traffic: an envelope ([version, round, sender, seq, parts]), a
     # 16-byte tag per sealed part (the header; each payload chunk) and the sealed
     # header's mode byte on every message; a result, forwarded as one ciphertext,
     # also carries its 32-byte key and a link tag per chunk in the sealed header.
-    def envelope(sender: str, parts: int) -> int:
-        return len(Envelope("0" * 16, sender, 0, parts).pack())
+    def envelope(seq: int, parts: int) -> int:
+        return len(Envelope("0" * 16, sender, seq, parts).pack())
 
-    # one dense share and (k - 1) seeds: group index is a 1-byte fixint here
-    assert leaf.p2p_sent == (
-        envelope(leaf.peer_id, 2) + 1 + header + 16 + element_bytes * (params + 1) + 16
-    ) + (envelope(leaf.peer_id, 1) + 1 + seed_header + 16)
-    result_header = len(encode(Result("0" * 16, "peer-00000000", None))[0])
-    sender = "peer-00000000"  # ids have one length: the envelope's size does not depend on it
-    assert leaf.p2p_received == (
-        envelope(sender, 2) + 1 + 32 + 16 + result_header + 16 + 4 * params + 16
-    )
-    assert leaf.messages_sent == 3  # 2 shares + sign-up
-    assert leaf.messages_received == 3  # result + ack + assignment
+    sent = received = 0
+    for k, (a, b) in enumerate(bounds):
+        header = len(encode(Share("0" * 16, 0, 0, sender, None, None, k))[0])
+        seed_header = len(encode(Share("0" * 16, 0, 0, sender, bytes(32), None, k))[0])
+        assert seed_header == header + 33  # bin8 of 32 bytes instead of nil
+        # Segment k of the leaf is the k-th message on the link to each of its two
+        # actors: one dense share of the segment's elements and its count slot, one seed.
+        sent += envelope(k, 2) + 1 + header + 16 + element_bytes * (1 + b - a) + 16
+        sent += envelope(k, 1) + 1 + seed_header + 16
+        lo, hi = result_span(model_schema(params), a, b)
+        result_header = len(encode(Result("0" * 16, sender, None, k))[0])
+        received += envelope(k, 2) + 1 + 32 + 16 + result_header + 16 + (hi - lo) + 16
+    assert leaf.p2p_sent == sent
+    assert leaf.p2p_received == leaf.p2p_received_min == leaf.p2p_received_max == received
+    assert leaf.messages_sent == 2 * len(bounds) + 1  # 2 shares a segment + sign-up
+    assert leaf.messages_received == len(bounds) + 2  # a result a segment + ack + assignment
 
 
 def test_a_float32_leaf_moves_twice_the_model_in_the_compact_ring_three_times_in_the_wide():
     params = 1_000_000
     model = 4 * params
-    compact = next(x for x in plan(30, 3, 2, params=params).peers if x.kind.startswith("leaf"))
+    compact_plan = plan(30, 3, 2, params=params)
+    compact = next(x for x in compact_plan.peers if x.kind.startswith("leaf"))
     wide = next(
         x for x in plan(30, 3, 2, params=params, ring="64").peers if x.kind.startswith("leaf")
     )
     moved = [x.p2p_sent + x.p2p_received for x in (compact, wide)]
-    assert 2 * model < moved[0] < 2 * model + 1000
-    assert 3 * model < moved[1] < 3 * model + 1000
+    # Besides the payloads, three messages a segment of a few hundred bytes each.
+    overhead = 1000 * compact_plan.num_segments
+    assert compact_plan.num_segments == 4
+    assert 2 * model < moved[0] < 2 * model + overhead
+    assert 3 * model < moved[1] < 3 * model + overhead
+
+
+def test_a_model_of_several_segments_is_that_many_rounds_of_one_segment():
+    params = 3 * SEGMENT_ELEMENTS + 5
+    multi = plan(6, 3, 2, params=params)
+    assert multi.segments == [
+        (0, SEGMENT_ELEMENTS),
+        (SEGMENT_ELEMENTS, 2 * SEGMENT_ELEMENTS),
+        (2 * SEGMENT_ELEMENTS, 3 * SEGMENT_ELEMENTS),
+        (3 * SEGMENT_ELEMENTS, params),
+    ]
+    assert multi.dense_bytes == 4 * (params + 4)  # a count slot per segment
+    assert multi.segment_dense_bytes == 4 * (SEGMENT_ELEMENTS + 1)
+    assert multi.result_bytes == 4 * params + 4  # float32, the buffer 8-byte aligned
+    assert multi.segment_result_bytes == 4 * SEGMENT_ELEMENTS
+    # Each segment is a round of its own over the same tree: the same messages as
+    # a one-segment model of the segment's size, whose bytes differ only by the
+    # segment index in the headers and the sequence numbers in the envelopes,
+    # one msgpack byte each below 128 either way.
+    sizes = [SEGMENT_ELEMENTS] * 3 + [5]
+    singles = [predict(multi.tree, model_schema(m)) for m in sizes]
+    assert all(q.num_segments == 1 for q in singles)
+    for x in multi.peers:
+        ones = [q.peer(x.peer_id) for q in singles]
+        assert x.p2p_sent == sum(o.p2p_sent for o in ones), x.peer_id
+        # the dense-share recipients are drawn per segment: the ranges add up
+        assert x.p2p_received_min == sum(o.p2p_received_min for o in ones), x.peer_id
+        assert x.p2p_received_max == sum(o.p2p_received_max for o in ones), x.peer_id
+        assert x.p2p_received_min <= x.p2p_received <= x.p2p_received_max
+        assert x.messages_sent - 1 == sum(o.messages_sent - 1 for o in ones)
+        assert x.messages_received - 2 == sum(o.messages_received - 2 for o in ones)
+        assert x.scheduler_sent == ones[0].scheduler_sent
+    assert sum(x.p2p_received for x in multi.peers) == sum(
+        o.p2p_received for q in singles for o in q.peers
+    )
+    # An actor of a level-0 group with one non-actor participant may get that
+    # participant's dense share of any segment, or none: the range spans every
+    # segment's dense payload (less the 32-byte seed and its bin8 marker), a tag each.
+    actor = next(x for x in multi.peers if x.kind == "actor at level 0")
+    extra = sum(4 * (1 + b - a) - 33 + 16 for a, b in multi.segments)
+    assert actor.p2p_received_max - actor.p2p_received_min == extra
 
 
 def test_result_size_follows_dtype_and_alignment():
@@ -101,6 +171,33 @@ def test_result_size_follows_dtype_and_alignment():
     assert plan(6, 3, 2, params=3).dense_bytes == 16  # 4 ring elements of 4 bytes
     assert plan(6, 3, 2, params=3, ring="64").dense_bytes == 32
     assert plan(6, 3, 2, params=3, dtype="float64").dense_bytes == 32  # never compact
+    assert plan(6, 3, 2, params=3, dtype="float16").segment_result_bytes == 8
+
+
+def test_payload_size_is_the_messages_segments():
+    params = 2 * SEGMENT_ELEMENTS + 3
+    schema = model_schema(params, "float16")
+    last = (2 * SEGMENT_ELEMENTS, params)
+    for k, (a, b) in enumerate(
+        [(0, SEGMENT_ELEMENTS), (SEGMENT_ELEMENTS, 2 * SEGMENT_ELEMENTS), last]
+    ):
+        assert payload_size(Share("r", 0, 0, "a", None, None, k), schema, 32) == 4 * (1 + b - a)
+        assert payload_size(Share("r", 0, 0, "a", bytes(32), None, k), schema, 32) == 0
+        assert payload_size(Partial("r", "a", None, k), schema) == 8 * (1 + b - a)
+        assert payload_size(Result("r", "a", None, k), schema) == (
+            # float16: the last span ends with 2 bytes of padding to 8-byte alignment
+            2 * (b - a) if k < 2 else 2 * 3 + 2
+        )
+    assert sum(payload_size(Result("r", "a", None, k), schema) for k in range(3)) == (
+        schema.result_nbytes
+    )
+    with pytest.raises(ConfigurationError, match="segment 3 of a model of 3 segments"):
+        payload_size(Partial("r", "a", None, 3), schema)
+    # the segment index is in the header: a fixint below 128, then uint8, uint16...
+    big = model_schema(70_000 * SEGMENT_ELEMENTS)
+    sizes = [wire_size(Share("r", 0, 0, "a", bytes(32), None, k), big) for k in (0, 127, 128, 256)]
+    sizes.append(wire_size(Share("r", 0, 0, "a", bytes(32), None, 65_536), big))
+    assert [x - sizes[0] for x in sizes] == [0, 0, 1, 2, 4]
 
 
 def test_wire_size_counts_header_plus_real_payload():
@@ -301,7 +398,10 @@ def test_cli_tree_prints_tree_depth_privacy_and_bytes(capsys):
     assert "other 29 peers" in out
     assert "1,200,000 elements" in out
     assert "Ring: Z_2^32 (4 B elements)" in out
-    assert "4,800,004 B payload (4 B x 1,200,001" in out
+    # 1,200,000 elements: 4 segments of 2**18 and one of 151,424, each with a count slot
+    assert "in 5 segments of at most 262,144 elements" in out
+    assert f"{4 * 1_200_005:,} B payload in all (4 B x 1,200,005" in out
+    assert f"at most {4 * (SEGMENT_ELEMENTS + 1):,} B a message" in out
     assert "root actor" in out
 
 
@@ -309,7 +409,8 @@ def test_cli_tree_ring_64_doubles_the_dense_payload(capsys):
     assert main(["tree", "--target-size", "30", "--ring", "64"]) == 0
     out = capsys.readouterr().out
     assert "Ring: Z_2^64 (8 B elements): a member declared no magnitudes" in out
-    assert "9,600,008 B payload (8 B x 1,200,001" in out
+    assert f"{8 * 1_200_005:,} B payload in all (8 B x 1,200,005" in out
+    assert f"at most {8 * (SEGMENT_ELEMENTS + 1):,} B a message" in out
     assert main(["tree", "--target-size", "6", "--dtype", "float64", "--params", "5"]) == 0
     assert "declared no magnitudes" in capsys.readouterr().out
     with pytest.raises(SystemExit):
@@ -332,6 +433,10 @@ def test_cli_tree_json_matches_the_plan(capsys):
     assert data == json.loads(json.dumps(expected))
     assert data["model"]["result_bytes"] == 1000
     assert data["model"]["dense_share_bytes"] == 4 * 501
+    assert data["model"]["segments"] == 1
+    assert data["model"]["segment_elements"] == SEGMENT_ELEMENTS
+    assert data["model"]["segment_dense_share_bytes"] == 4 * 501
+    assert data["model"]["segment_result_bytes"] == 1000
     assert data["ring"] == {
         "ring_bits": 32,
         "element_bytes": 4,

@@ -1,0 +1,136 @@
+"""Segments of a model: bounds that tile it, spans that tile the result, and encoding
+or decoding a segment giving exactly the whole model's bytes for that segment."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_secagg.encoding import (
+    RingPlan,
+    Schema,
+    decode_total,
+    encode,
+    result_span,
+    segment_bounds,
+)
+from lightning_secagg.errors import ConfigurationError, EncodingError, InvalidTotalError
+
+pytestmark = pytest.mark.timeout(60)
+
+DTYPES = [
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+]
+
+
+def mixed_state(seed: int, sizes: list[int], dtypes: list[torch.dtype]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (n, dt) in enumerate(zip(sizes, dtypes, strict=True)):
+        if dt.is_floating_point:
+            out[f"t{i}"] = (torch.randn(n, generator=g) * 3).to(dt)
+        elif dt == torch.bool:
+            out[f"t{i}"] = torch.randint(0, 2, (n,), generator=g).bool()
+        else:
+            out[f"t{i}"] = torch.randint(0, 100, (n,), generator=g).to(dt)
+    return out
+
+
+def ring_sum(vectors: list[np.ndarray]) -> np.ndarray:
+    total = np.zeros_like(vectors[0])
+    for v in vectors:
+        np.add(total, v, out=total)
+    return total
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6).filter(lambda s: sum(s) > 0),
+    dtype_idx=st.lists(st.integers(0, len(DTYPES) - 1), min_size=6, max_size=6),
+    seg=st.integers(1, 50),
+    wide=st.booleans(),
+    seeds=st.lists(st.integers(0, 2**31), min_size=1, max_size=3),
+)
+def test_segments_encode_and_decode_exactly_as_the_whole_model(sizes, dtype_idx, seg, wide, seeds):
+    dtypes = [DTYPES[i] for i in dtype_idx[: len(sizes)]]
+    states = [mixed_state(s, sizes, dtypes) for s in seeds]
+    schema = Schema.of(states[0])
+    plan = RingPlan.wide(schema) if wide else RingPlan.compact(schema, [8] * len(sizes))
+    if not wide and any(d == torch.float64 for d in dtypes):
+        plan = RingPlan.wide(schema)
+    p = 1.0 / len(states)
+    whole = [encode(sd, schema, p, plan=plan) for sd in states]
+    whole_result = decode_total(ring_sum(whole), schema, plan)
+    bounds = segment_bounds(schema, seg)
+    assert bounds[0][0] == 0 and bounds[-1][1] == schema.vector_size - 1
+    assert all(b1 == a2 for (_, b1), (a2, _) in itertools.pairwise(bounds))
+    assert all(0 < b - a <= seg for a, b in bounds)
+    pieces = []
+    expected_start = 0
+    for a, b in bounds:
+        parts = [encode(sd, schema, p, plan=plan, segment=(a, b)) for sd in states]
+        for part, full in zip(parts, whole, strict=True):
+            assert part[0] == full[0]  # every segment has the count slot
+            np.testing.assert_array_equal(part[1:], full[1 + a : 1 + b])
+        lo, hi = result_span(schema, a, b)
+        assert lo == expected_start
+        expected_start = hi
+        out = np.zeros(hi - lo, dtype=np.uint8)
+        got = decode_total(ring_sum(parts), schema, plan, segment=(a, b), out=out)
+        assert got is out
+        pieces.append(got)
+    assert expected_start == schema.result_nbytes
+    assert np.concatenate(pieces).tobytes() == whole_result.tobytes()
+
+
+def test_a_segment_of_a_cuda_less_tensor_copies_only_its_part():
+    sd = {"w": torch.arange(10, dtype=torch.float32), "b": torch.ones(3)}
+    schema = Schema.of(sd)
+    v = encode(sd, schema, 1.0, segment=(8, 11))
+    assert v.size == 4
+    np.testing.assert_array_equal(v[1:].view(np.int64), np.array([8, 9, 1]) * 2**32)
+
+
+def test_segment_bounds_refuse_bad_sizes():
+    schema = Schema.of({"w": torch.zeros(5)})
+    for bad in (0, -1, 1.5, True, None):
+        with pytest.raises(ConfigurationError):
+            segment_bounds(schema, bad)
+    assert segment_bounds(schema, 100) == [(0, 5)]
+    assert segment_bounds(schema, 2) == [(0, 2), (2, 4), (4, 5)]
+
+
+def test_bad_segments_refused():
+    schema = Schema.of({"w": torch.zeros(5)})
+    sd = {"w": torch.zeros(5)}
+    for bad in ((0, 6), (-1, 2), (3, 2)):
+        with pytest.raises(EncodingError):
+            encode(sd, schema, 1.0, segment=bad)
+    with pytest.raises(EncodingError):
+        result_span(schema, 2, 2)
+    total = encode(sd, schema, 1.0, segment=(1, 3))
+    with pytest.raises(InvalidTotalError):
+        decode_total(total, schema, segment=(1, 4))
+    with pytest.raises(EncodingError):
+        decode_total(total, schema, segment=(1, 3), out=np.zeros(7, dtype=np.uint8))
+
+
+def test_each_segment_checks_its_own_count_slot():
+    sd = {"w": torch.ones(6)}
+    schema = Schema.of(sd)
+    part = encode(sd, schema, 1.0, segment=(3, 6))
+    part[0] = 0
+    with pytest.raises(InvalidTotalError, match="count slot"):
+        decode_total(part, schema, segment=(3, 6))
