@@ -39,10 +39,12 @@ from lightning_secagg.tree import AggregationTree
 
 #: Segments of its own a peer keeps in flight (see the module's docstring).
 DEFAULT_WINDOW = 2
-#: Data elements per segment: 1 MiB in the compact ring, 2 MiB in the 64-bit one.
-#: Part of the protocol (it decides what every message carries): every peer of a
-#: round must use the same. Measured trade-off in ``docs/benchmarks.md``.
-SEGMENT_ELEMENTS = 1 << 18
+#: Data elements per segment: with its count slot, a segment's vector is exactly
+#: 1 MiB in the compact ring (2 MiB in the 64-bit one), whole chunks of the share
+#: keystream (``sharing.CHUNK_BYTES``). Part of the protocol (it decides what every
+#: message carries): every peer of a round must use the same. Measured trade-off
+#: in ``docs/benchmarks.md``.
+SEGMENT_ELEMENTS = (1 << 18) - 1
 
 
 class SegmentedRound:
@@ -97,8 +99,9 @@ class SegmentedRound:
         self.dtype = np.dtype(dtype)
         self._encode = encode
         self._spans = list(spans)
-        #: The result buffer: every segment's result lands in its slice.
-        self.buffer = np.zeros(pos, dtype=np.uint8)
+        #: The result buffer: every segment's result lands in its slice, so every
+        #: byte is written before the round is done (no zero-fill of the model).
+        self.buffer = np.empty(pos, dtype=np.uint8)
         self.segments = [
             PeerRound(
                 me,
@@ -130,7 +133,14 @@ class SegmentedRound:
         # keep every round's result buffer alive until the garbage collector's
         # next full pass (the caller's tensors are views of it).
         out = self.buffer[lo:hi]
-        return lambda total: finalize(k, total, out)
+
+        def decode(total: np.ndarray) -> np.ndarray:
+            # Zeroed first: the slice's alignment padding is sent down as it is,
+            # and must not carry whatever this process's memory held before.
+            out.fill(0)
+            return finalize(k, total, out)
+
+        return decode
 
     # -- what the peer asks -----------------------------------------------
 

@@ -125,23 +125,25 @@ def test_a_float32_leaf_moves_twice_the_model_in_the_compact_ring_three_times_in
 
 def test_a_model_of_several_segments_is_that_many_rounds_of_one_segment():
     params = 3 * SEGMENT_ELEMENTS + 5
-    multi = plan(6, 3, 2, params=params)
+    # float64 (so the 64-bit ring): 8-byte elements keep every result span
+    # aligned, as a one-segment model of the same size is.
+    multi = plan(6, 3, 2, params=params, dtype="float64")
     assert multi.segments == [
         (0, SEGMENT_ELEMENTS),
         (SEGMENT_ELEMENTS, 2 * SEGMENT_ELEMENTS),
         (2 * SEGMENT_ELEMENTS, 3 * SEGMENT_ELEMENTS),
         (3 * SEGMENT_ELEMENTS, params),
     ]
-    assert multi.dense_bytes == 4 * (params + 4)  # a count slot per segment
-    assert multi.segment_dense_bytes == 4 * (SEGMENT_ELEMENTS + 1)
-    assert multi.result_bytes == 4 * params + 4  # float32, the buffer 8-byte aligned
-    assert multi.segment_result_bytes == 4 * SEGMENT_ELEMENTS
+    assert multi.dense_bytes == 8 * (params + 4)  # a count slot per segment
+    assert multi.segment_dense_bytes == 8 * (SEGMENT_ELEMENTS + 1)
+    assert multi.result_bytes == 8 * params
+    assert multi.segment_result_bytes == 8 * SEGMENT_ELEMENTS
     # Each segment is a round of its own over the same tree: the same messages as
     # a one-segment model of the segment's size, whose bytes differ only by the
     # segment index in the headers and the sequence numbers in the envelopes,
     # one msgpack byte each below 128 either way.
     sizes = [SEGMENT_ELEMENTS] * 3 + [5]
-    singles = [predict(multi.tree, model_schema(m)) for m in sizes]
+    singles = [predict(multi.tree, model_schema(m, "float64")) for m in sizes]
     assert all(q.num_segments == 1 for q in singles)
     for x in multi.peers:
         ones = [q.peer(x.peer_id) for q in singles]
@@ -160,7 +162,7 @@ def test_a_model_of_several_segments_is_that_many_rounds_of_one_segment():
     # participant's dense share of any segment, or none: the range spans every
     # segment's dense payload (less the 32-byte seed and its bin8 marker), a tag each.
     actor = next(x for x in multi.peers if x.kind == "actor at level 0")
-    extra = sum(4 * (1 + b - a) - 33 + 16 for a, b in multi.segments)
+    extra = sum(8 * (1 + b - a) - 33 + 16 for a, b in multi.segments)
     assert actor.p2p_received_max - actor.p2p_received_min == extra
 
 
@@ -184,10 +186,9 @@ def test_payload_size_is_the_messages_segments():
         assert payload_size(Share("r", 0, 0, "a", None, None, k), schema, 32) == 4 * (1 + b - a)
         assert payload_size(Share("r", 0, 0, "a", bytes(32), None, k), schema, 32) == 0
         assert payload_size(Partial("r", "a", None, k), schema) == 8 * (1 + b - a)
-        assert payload_size(Result("r", "a", None, k), schema) == (
-            # float16: the last span ends with 2 bytes of padding to 8-byte alignment
-            2 * (b - a) if k < 2 else 2 * 3 + 2
-        )
+        # float16: the last span ends with the padding to 8-byte alignment
+        end = schema.result_nbytes if k == 2 else 2 * b
+        assert payload_size(Result("r", "a", None, k), schema) == end - 2 * a
     assert sum(payload_size(Result("r", "a", None, k), schema) for k in range(3)) == (
         schema.result_nbytes
     )
@@ -399,7 +400,7 @@ def test_cli_tree_prints_tree_depth_privacy_and_bytes(capsys):
     assert "1,200,000 elements" in out
     assert "Ring: Z_2^32 (4 B elements)" in out
     # 1,200,000 elements: 4 segments of 2**18 and one of 151,424, each with a count slot
-    assert "in 5 segments of at most 262,144 elements" in out
+    assert f"in 5 segments of at most {SEGMENT_ELEMENTS:,} elements" in out
     assert f"{4 * 1_200_005:,} B payload in all (4 B x 1,200,005" in out
     assert f"at most {4 * (SEGMENT_ELEMENTS + 1):,} B a message" in out
     assert "root actor" in out
