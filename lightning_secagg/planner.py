@@ -52,6 +52,7 @@ the assignment headers, so they count in the header bytes too.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import re
@@ -629,28 +630,26 @@ def _describe_schema(schema: Schema) -> str:
     return f"{len(schema.tensors)} tensors, {'/'.join(dtypes)}"
 
 
+@functools.lru_cache(maxsize=8)
+def _bounds(schema: Schema, segment_elements: int) -> list[tuple[int, int]]:
+    # Sizing a plan looks up a segment per message: cut the model once per plan.
+    return segment_bounds(schema, segment_elements)
+
+
 def _segment_of(
     schema: Schema, segment: int, segment_elements: int = SEGMENT_ELEMENTS
 ) -> tuple[int, int]:
-    """The ``[a, b)`` data elements of segment ``segment``, as
-    ``segment_bounds(schema, segment_elements)[segment]`` (without building the list).
+    """The ``[a, b)`` data elements of segment ``segment`` (see
+    :func:`~lightning_secagg.encoding.segment_bounds`).
 
     Raises:
         ConfigurationError: ``segment_elements`` is not a positive int, or the
             model has no such segment.
     """
-    if (
-        isinstance(segment_elements, bool)
-        or not isinstance(segment_elements, int)
-        or segment_elements < 1
-    ):
-        raise ConfigurationError(f"segment_elements must be an int >= 1, got {segment_elements!r}")
-    data = schema.vector_size - 1
-    count = -(-data // segment_elements)
-    if isinstance(segment, bool) or not isinstance(segment, int) or not 0 <= segment < count:
-        raise ConfigurationError(f"segment {segment!r} of a model of {count} segments")
-    a = segment * segment_elements
-    return a, min(a + segment_elements, data)
+    bounds = _bounds(schema, segment_elements)
+    if isinstance(segment, bool) or not isinstance(segment, int) or not 0 <= segment < len(bounds):
+        raise ConfigurationError(f"segment {segment!r} of a model of {len(bounds)} segments")
+    return bounds[segment]
 
 
 def payload_size(
