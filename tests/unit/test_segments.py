@@ -20,19 +20,10 @@ from lightning_secagg.encoding import (
     segment_bounds,
 )
 from lightning_secagg.errors import ConfigurationError, EncodingError, InvalidTotalError
+from tests.unit.test_encoding import ALL_DTYPES as DTYPES
+from tests.unit.test_encoding import ring_sum
 
 pytestmark = pytest.mark.timeout(60)
-
-DTYPES = [
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.int8,
-    torch.int64,
-    torch.uint8,
-    torch.bool,
-]
 
 
 def mixed_state(seed: int, sizes: list[int], dtypes: list[torch.dtype]) -> dict[str, torch.Tensor]:
@@ -46,13 +37,6 @@ def mixed_state(seed: int, sizes: list[int], dtypes: list[torch.dtype]) -> dict[
         else:
             out[f"t{i}"] = torch.randint(0, 100, (n,), generator=g).to(dt)
     return out
-
-
-def ring_sum(vectors: list[np.ndarray]) -> np.ndarray:
-    total = np.zeros_like(vectors[0])
-    for v in vectors:
-        np.add(total, v, out=total)
-    return total
 
 
 @settings(max_examples=60, deadline=None)
