@@ -110,19 +110,20 @@ def decode(
     expected_frames = {None: (1,), "optional": (1, 2), "required": (2,)}[cls.PAYLOAD]
     if len(frames) not in expected_frames:
         raise RemoteProtocolError(f"{cls.TYPE}: {len(frames)} frames, expected {expected_frames}")
-    try:
-        message = cls.from_header(header, None)
-    except (HeaderError, TypeError) as exc:
-        raise RemoteProtocolError(str(exc)) from None
-    if len(frames) == 1:
-        if cls.PAYLOAD == "optional" and getattr(message, "seed", None) is None:
-            raise RemoteProtocolError(f"{cls.TYPE}: neither a seed nor a payload")
-        return message
-    if getattr(message, "seed", None) is not None:
-        raise RemoteProtocolError(f"{cls.TYPE}: both a seed and a payload")
     # Raw bytes: what they hold (4- or 8-byte ring elements, a result's tensors)
     # depends on the round, whose state machine checks the size and views them.
-    payload = np.frombuffer(frames[1], dtype=np.uint8)
+    payload = np.frombuffer(frames[1], dtype=np.uint8) if len(frames) == 2 else None
+    try:
+        message = cls.from_header(header, payload)
+    except (HeaderError, TypeError) as exc:
+        raise RemoteProtocolError(str(exc)) from None
+    seed = getattr(message, "seed", None)
+    if payload is None:
+        if cls.PAYLOAD == "optional" and seed is None:
+            raise RemoteProtocolError(f"{cls.TYPE}: neither a seed nor a payload")
+        return message
+    if seed is not None:
+        raise RemoteProtocolError(f"{cls.TYPE}: both a seed and a payload")
     if payload.size == 0:
         raise RemoteProtocolError(f"{cls.TYPE}: payload of 0 bytes")
-    return cls.from_header(header, payload)
+    return message

@@ -648,7 +648,7 @@ class Peer:
         plan = self._ring_plan(msg, schema, exponents, len(members))
         if plan is None:
             return None
-        links = self._links(msg, round_key)
+        links = self._links(msg, round_key, tree.neighbours(self.peer_id))
         if links is None:
             return None
         bounds = segment_bounds(schema, SEGMENT_ELEMENTS)
@@ -690,9 +690,13 @@ class Peer:
         return rnd
 
     def _links(
-        self, msg: Assignment, round_key: RoundKey | None
+        self, msg: Assignment, round_key: RoundKey | None, neighbours: frozenset[str]
     ) -> dict[str, tuple[Link, Link]] | None:
-        """Sealed links with every other member, or None (logged) for a bad assignment."""
+        """Sealed links with our tree neighbours, or None (logged) for a bad assignment.
+
+        Nobody else may send us anything in this round: their messages find no
+        link and are dropped, as a stranger's are.
+        """
         if round_key is None:
             return {}
         keys = msg.round_keys
@@ -704,7 +708,7 @@ class Peer:
             log.warning("ignoring assignment %s: it does not relay our round key", msg.round_id)
             return None
         try:
-            return round_key.links(msg.round_id, self.peer_id, relayed)
+            return round_key.links(msg.round_id, self.peer_id, {m: relayed[m] for m in neighbours})
         except ValueError as exc:
             log.warning("ignoring assignment %s: %s", msg.round_id, exc)
             return None

@@ -214,12 +214,13 @@ class RoundKey:
     def links(
         self, round_id: str, me: str, members: dict[str, str]
     ) -> dict[str, tuple[Link, Link]]:
-        """The ``(to them, from them)`` links with every other member.
+        """The ``(to them, from them)`` links with each of ``members`` but ourselves.
 
         Args:
             round_id: The round (salt of the key derivation).
             me: This peer's id.
-            members: Every member's id and Z85 round key, as relayed by the scheduler.
+            members: The members to link with (the peer passes its tree
+                neighbours) and their Z85 round keys, as relayed by the scheduler.
 
         Raises:
             ValueError: a member's key is malformed or a low-order point.

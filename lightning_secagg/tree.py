@@ -79,6 +79,24 @@ class AggregationTree:
         """Every group (any level) for which ``peer_id`` is an actor, bottom-up."""
         return [g for level in self.levels for g in level if peer_id in g.actors]
 
+    def neighbours(self, peer_id: str) -> frozenset[str]:
+        """Every member ``peer_id`` exchanges messages with in a round.
+
+        The actors of each group it participates in (its shares up, the result
+        down; at the root, the other root actors' partial sums) and the
+        participants of each group it acts for. A peer needs sealed links with
+        these only: at N = 30, 2-10 key agreements per round instead of 29.
+        """
+        out: set[str] = set()
+        for level in self.levels:
+            for g in level:
+                if peer_id in g.participants:
+                    out.update(g.actors)
+                if peer_id in g.actors:
+                    out.update(g.participants)
+        out.discard(peer_id)
+        return frozenset(out)
+
     def to_wire(self) -> list[list[list[list[str]]]]:
         """Plain lists for the assignment header: ``levels[l][g] = [participants, actors]``."""
         return [[[list(g.participants), list(g.actors)] for g in level] for level in self.levels]

@@ -241,6 +241,24 @@ def test_segmented_round_is_exact_and_identical_everywhere(n, window):
             assert calls == []
 
 
+@pytest.mark.parametrize("n", [3, 7, 12, 30])
+def test_members_talk_to_their_tree_neighbours_only(n):
+    # The peer derives sealed links with tree.neighbours() only: every message
+    # of a round must travel between neighbours, and every neighbour relation
+    # must carry one (no link is derived for nothing).
+    setup = make_segmented(n, window=2, seed=n)
+    net = MemNet(setup.peers, random.Random(n))
+    net.start()
+    run_checked(net, setup)
+    assert_exact(setup)
+    talked: dict[str, set[str]] = {pid: set() for pid in setup.ids}
+    for _, sender, to in net.log:
+        talked[sender].add(to)
+        talked[to].add(sender)
+    for pid in setup.ids:
+        assert talked[pid] == setup.tree.neighbours(pid), pid
+
+
 def test_one_segment_round_matches_too():
     # A segment larger than the model: one segment, the count slot only once.
     setup = make_segmented(6, window=2, seg=1000, seed=3)

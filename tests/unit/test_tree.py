@@ -187,6 +187,23 @@ def test_group_of_and_acted_groups():
     assert tree.group_of("stranger", 0) is None
 
 
+def test_neighbours_of_a_hand_built_tree():
+    # level 0: a b c -> actors b c; d e f -> actors e f; root: b c e f -> actors c e
+    tree = AggregationTree.from_wire(
+        [
+            [[["a", "b", "c"], ["b", "c"]], [["d", "e", "f"], ["e", "f"]]],
+            [[["b", "c", "e", "f"], ["c", "e"]]],
+        ],
+        3,
+        2,
+    )
+    assert tree.neighbours("a") == {"b", "c"}
+    assert tree.neighbours("b") == {"a", "c", "e"}
+    assert tree.neighbours("c") == {"a", "b", "e", "f"}
+    assert tree.neighbours("d") == {"e", "f"}
+    assert tree.neighbours("stranger") == frozenset()
+
+
 # -- validation ------------------------------------------------------------------
 
 
