@@ -30,14 +30,13 @@ has the next sequence number in its envelope. That is what
 :class:`~lightning_secagg.peer.RoundStats`; ZeroMQ's framing and CurveZMQ's
 per-frame overhead (a few dozen bytes a frame) are not included in either.
 
-Which actor receives a participant's dense share is random in a real round
-(drawn from the peer's ``random_bytes``, independently for every segment and
-level), so an actor's *received* bytes vary from round to round; what a peer
-*sends* does not. :class:`PeerPlan` gives the figure for the simulated draw
-and the ``[min, max]`` range over all draws. (With a deterministic
-``random_bytes``, a single-segment round reproduces the simulated draw exactly;
-in a round of several segments an actor consumes its stream in the order its
-segments' shares complete, which timing decides, so only the range is meaningful.)
+Which actor receives a participant's dense shares is random in a real round
+(drawn from the peer's ``random_bytes`` once per level, for every segment; the
+others get the participant's seed, once), so an actor's *received* bytes vary
+from round to round; what a peer *sends* does not. :class:`PeerPlan` gives the
+figure for the simulated draw and the ``[min, max]`` range over all draws.
+(A peer draws level by level, so with a deterministic ``random_bytes`` a real
+round reproduces the simulated draw exactly, whatever the timing.)
 
 The ring is chosen as the scheduler chooses it: the compact ring Z_2^32 (4-byte
 elements) when every member declares its magnitude exponents
@@ -89,7 +88,7 @@ from lightning_secagg.messages import (
 )
 from lightning_secagg.protocol.peer_round import Send
 from lightning_secagg.protocol.segmented_round import SEGMENT_ELEMENTS, SegmentedRound
-from lightning_secagg.sealing import CHUNK_BYTES, TAG_BYTES, Envelope, sealed_extra_bytes
+from lightning_secagg.sealing import CHUNK_BYTES, Envelope, sealed_extra_bytes
 from lightning_secagg.sharing import SEED_BYTES, RandomBytes
 from lightning_secagg.tree import AggregationTree, build_tree, privacy_warnings
 
@@ -539,7 +538,7 @@ class Plan:
             f"  dense share or partial sum: {self.dense_bytes:,} B payload in all "
             f"({self.ring.element_bytes} B x {self.params + self.num_segments:,}: the elements "
             f"+ a count slot per segment), at most {self.segment_dense_bytes:,} B a message; "
-            f"seed share: {SEED_BYTES} B seed in the header; "
+            f"seed share: {SEED_BYTES} B seed in the header, once a round and level; "
             f"result: {self.result_bytes:,} B payload in all, "
             f"at most {self.segment_result_bytes:,} B a message",
             "  headers (msgpack) included; ZeroMQ/CurveZMQ framing not included",
@@ -554,8 +553,8 @@ class Plan:
             "",
             f"all peers together send {total:,} B "
             f"({total / max(1, self.num_peers):,.0f} B per peer on average)",
-            "received bytes of actors vary with which actor draws each dense share; "
-            "the ranges cover every draw",
+            "received bytes of actors vary with which actor draws a participant's dense "
+            "shares; the ranges cover every draw",
         ]
         if show_peers:
             lines.append("")
@@ -836,8 +835,10 @@ def predict(
     p2p_recv = dict.fromkeys(states, 0)
     n_sent = dict.fromkeys(states, 0)
     n_recv = dict.fromkeys(states, 0)
-    # (actor, segment, level, group) -> dense shares it got in the simulated draw
-    dense_got: dict[tuple[str, int, int, int], int] = {}
+    # Per link (sender, receiver): the level of each share it carried; and the
+    # links and levels that carried dense shares in the simulated draw.
+    link_levels: dict[tuple[str, str], list[int]] = {}
+    dense_links: set[tuple[str, str, int]] = set()
     for send in delivered:
         msg = send.message
         sender = getattr(msg, "sender", None)
@@ -857,28 +858,54 @@ def predict(
         n_sent[sender] += 1
         p2p_recv[send.to] += size
         n_recv[send.to] += 1
-        if isinstance(msg, Share) and msg.seed is None:
-            key = (send.to, msg.segment, msg.level, msg.group)
-            dense_got[key] = dense_got.get(key, 0) + 1
-    # Received range: a non-actor participant's dense share of each segment goes
-    # to one of its group's actors, drawn anew for every segment. For each actor
-    # and segment, count the shares it could get. A dense share instead of a
-    # seed: header bin8(32) -> nil, plus the segment's payload (and, sealed, a tag
-    # per payload chunk; the envelope's part count stays a fixint).
+        if isinstance(msg, Share):
+            link_levels.setdefault((sender, send.to), []).append(msg.level)
+            if msg.seed is None:
+                dense_links.add((sender, send.to, msg.level))
+
+    # Received range: a non-actor participant of a group sends one of the group's
+    # actors its dense share of every segment and each other actor one seed, the
+    # actor drawn once per round. Each actor's bytes from each such participant
+    # are one of two amounts; the links are independent, so the range is the sum
+    # of the smaller (larger) amounts over the actor's links.
+    def link_bytes(sender: str, level: int, group: int, dense: bool, first_seq: int) -> int:
+        if dense:
+            shares = [
+                Share(round_id, level, group, sender, None, None, k) for k in range(len(bounds))
+            ]
+        else:
+            shares = [Share(round_id, level, group, sender, bytes(SEED_BYTES), None, 0)]
+        total = 0
+        for i, share in enumerate(shares):
+            envelope = None
+            if sealed:
+                payload = payload_size(share, schema, ring_bits, segment_elements=segment_elements)
+                envelope = Envelope(round_id, sender, first_seq + i, sealed_parts(payload))
+            total += wire_size(
+                share, schema, ring_bits, seal=envelope, segment_elements=segment_elements
+            )
+        return total
+
     low = dict(p2p_recv)
     high = dict(p2p_recv)
-    for k, (a, b) in enumerate(bounds):
-        dense_payload = ring.element_bytes * (1 + b - a)
-        dense_extra = dense_payload - SEED_BYTES - 1
-        if sealed:
-            dense_extra += TAG_BYTES * (sealed_parts(dense_payload) - 1)
-        for level in tree.levels:
-            for g in level:
-                senders = sum(1 for p in g.participants if p not in g.actors)
+    for level in tree.levels:
+        for g in level:
+            for participant in g.participants:
+                if participant in g.actors:
+                    continue
                 for actor in g.actors:
-                    got_dense = dense_got.get((actor, k, g.level, g.index), 0)
-                    low[actor] -= got_dense * dense_extra
-                    high[actor] += (senders - got_dense) * dense_extra
+                    # The link's other messages (seeds of lower levels, where the
+                    # participant is an actor) take the first sequence numbers; a
+                    # link's envelopes add up the same in any order.
+                    levels = link_levels[(participant, actor)]
+                    others = len(levels) - levels.count(g.level)
+                    amounts = [
+                        link_bytes(participant, g.level, g.index, dense, others)
+                        for dense in (False, True)
+                    ]
+                    actual = amounts[(participant, actor, g.level) in dense_links]
+                    low[actor] += min(amounts) - actual
+                    high[actor] += max(amounts) - actual
     assignment = Assignment(
         session=session,
         round_id=round_id,

@@ -9,7 +9,10 @@ The round, from one peer's view:
 
 1. Level 0: split the encoded vector into ``num_actors`` additive shares and
    send one to each actor of my group (keeping the dense share if I am one of
-   them; the others get 32-byte seeds).
+   them; the others get 32-byte seeds). The seeds and the dense share's
+   recipient are drawn once per level for the whole round (:class:`LevelSeeds`):
+   in a round cut into segments, every segment is masked with the same seeds
+   (the segment's own keystream of each), and a seed travels once.
 2. For every group I act for, wait for exactly one share from each of its
    participants; their sum is my vector for the next level, where I
    participate again (step 1 at that level).
@@ -36,9 +39,9 @@ from lightning_secagg.sharing import (
     RING_DTYPES,
     RandomBytes,
     add_expanded_seed,
-    expand_seed,
+    draw_seeds,
+    mask,
     random_index,
-    split,
 )
 from lightning_secagg.tree import AggregationTree, Group
 
@@ -70,6 +73,28 @@ class _Accumulator:
         return sorted(self.expected - self.received)
 
 
+@dataclass
+class LevelSeeds:
+    """The seeds of one peer in one round, shared by every segment of the round.
+
+    Why once per level and not per segment: a seed stands for a whole stream
+    family (``sharing``: stream ``s`` for segment ``s``), so sending it with
+    every segment only multiplied the messages (half of a segmented round's).
+
+    Attributes:
+        drawn: As a participant, per level: the actor that gets the dense share,
+            and the seed of every other actor (drawn with the first segment
+            shared at that level, sent with it).
+        received: As an actor, per ``(level, group)``: the seed of each
+            participant that sent one. Each segment's sum takes them in when it
+            starts (an actor always contributes its own dense share to its own
+            group's sum, so every segment's sum does start).
+    """
+
+    drawn: dict[int, tuple[str, dict[str, bytes]]] = field(default_factory=dict)
+    received: dict[tuple[int, int], dict[str, bytes]] = field(default_factory=dict)
+
+
 def designated_actor(group: Group, participant: str) -> str | None:
     """The actor of ``group`` that sends the result down to ``participant`` (None for actors)."""
     if participant in group.actors:
@@ -99,7 +124,10 @@ class PeerRound:
             zero-copy transport, which may still be reading sent buffers.
         segment: The segment of the model this round moves (see
             :class:`~lightning_secagg.protocol.segmented_round.SegmentedRound`);
-            every message it sends names it, and messages naming another are refused.
+            every message it sends names it, and messages naming another are
+            refused, except seed shares, which name segment 0 and stand for all.
+        seeds: The round's seeds, shared with the other segments' rounds (a
+            fresh set when omitted: a round of one segment).
         size: Ring elements of the vector, when ``vector`` is None.
         dtype: The ring's dtype, when ``vector`` is None.
     """
@@ -118,6 +146,7 @@ class PeerRound:
         segment: int = 0,
         size: int | None = None,
         dtype: np.dtype | None = None,
+        seeds: LevelSeeds | None = None,
     ) -> None:
         if tree.group_of(me, 0) is None:
             raise LocalProtocolError(f"{me} is not a member of round {round_id}")
@@ -137,6 +166,7 @@ class PeerRound:
         self._finalize = finalize
         self._random_bytes = random_bytes
         self._sends_are_copied = sends_are_copied
+        self._seeds = seeds if seeds is not None else LevelSeeds()
         self.result: np.ndarray | None = None
         self.started = False
         self.acted = tree.acted_groups(me)
@@ -214,23 +244,42 @@ class PeerRound:
         """
         if getattr(message, "round_id", None) != self.round_id:
             raise RemoteProtocolError(f"message for round {getattr(message, 'round_id', None)!r}")
-        if isinstance(message, (Share, Partial, Result)) and message.segment != self.segment:
-            raise RemoteProtocolError(f"message for segment {message.segment}, not {self.segment}")
+        is_seed = isinstance(message, Share) and message.seed is not None
+        if isinstance(message, (Share, Partial, Result)) and message.segment != (
+            0 if is_seed else self.segment
+        ):
+            raise RemoteProtocolError(
+                f"{'seed share' if is_seed else 'message'} for segment {message.segment}, "
+                f"not {0 if is_seed else self.segment}"
+            )
         if isinstance(message, Share):
-            acc = self._accs.get((message.level, message.group))
+            key = (message.level, message.group)
+            acc = self._accs.get(key)
             if acc is None:
                 raise RemoteProtocolError(
                     f"share for level {message.level} group {message.group}, "
                     f"where {self.me} is not an actor"
                 )
-            return self._contribute(
-                acc,
-                (message.level, message.group),
-                message.sender,
-                message.payload,
-                message.seed,
-                owned=payload_owned,
-            )
+            booked = self._seeds.received.get(key, {})
+            if message.sender in booked:
+                raise RemoteProtocolError(
+                    f"duplicate {acc.label} from {message.sender}"
+                    if is_seed
+                    else f"dense share of {acc.label} from {message.sender}, "
+                    "whose seed stands for every segment"
+                )
+            if message.seed is None:
+                return self._contribute(
+                    acc, key, message.sender, message.payload, None, owned=payload_owned
+                )
+            if message.sender not in acc.expected:
+                raise RemoteProtocolError(f"{message.sender} is not expected to send {acc.label}")
+            if message.sender in acc.received:
+                raise RemoteProtocolError(
+                    f"seed from {message.sender} after its dense share of {acc.label}"
+                )
+            self._seeds.received.setdefault(key, {})[message.sender] = message.seed
+            return self.apply_seed(key, message.sender)
         if isinstance(message, Partial):
             acc = self._accs.get((ROOT, 0))
             if acc is None:
@@ -258,6 +307,23 @@ class PeerRound:
             return self._distribute(payload)
         raise RemoteProtocolError(f"unexpected {type(message).__name__} between peers")
 
+    def has_share_from(self, key: tuple[int, int], sender: str) -> bool:
+        """Whether the sum for ``key`` (level, group) has taken ``sender``'s share in."""
+        acc = self._accs.get(key)
+        return acc is not None and sender in acc.received
+
+    def apply_seed(self, key: tuple[int, int], sender: str) -> list[Send]:
+        """Take ``sender``'s booked seed into the sum for ``key`` if that sum has started.
+
+        A sum that has not started takes it in when it does; one that is
+        complete already has it. Called by the segmented round for every
+        segment when a seed arrives.
+        """
+        acc = self._accs[key]
+        if acc.total is None or sender in acc.received:
+            return []
+        return self._contribute(acc, key, sender, None, self._seeds.received[key][sender])
+
     def pending_phase(self) -> int | None:
         """The earliest phase (see :mod:`lightning_secagg.deadlines`) this peer still waits in.
 
@@ -279,9 +345,12 @@ class PeerRound:
     def waiting_for(self) -> str:
         """What this peer still waits for, for timeout errors."""
         parts = []
-        for acc in self._accs.values():
-            if not acc.complete:
-                parts.append(f"{acc.label} from {', '.join(acc.missing())}")
+        for key, acc in self._accs.items():
+            # A booked seed is not missing, even before the sum has taken it in.
+            booked = self._seeds.received.get(key, {})
+            missing = [p for p in acc.missing() if p not in booked]
+            if missing:
+                parts.append(f"{acc.label} from {', '.join(missing)}")
         if self.result is None and self.result_from is not None:
             parts.append(f"the result from actor {self.result_from} (level {self.top_level})")
         if self.result is None and not parts:
@@ -294,31 +363,32 @@ class PeerRound:
         group = self.tree.group_of(self.me, level)
         if group is None:  # pragma: no cover - guarded by the tree's invariants
             raise LocalProtocolError(f"{self.me} does not participate at level {level}")
-        shares = split(vector, len(group.actors), self._random_bytes)
-        if self.me in group.actors:
-            dense_to = self.me
-        else:
-            dense_to = group.actors[random_index(len(group.actors), self._random_bytes)]
-        seeds = iter(shares.seeds)
-        out: list[Send] = []
-        for actor in group.actors:
-            dense = actor == dense_to
-            seed = None if dense else next(seeds)
-            payload = shares.dense if dense else None
-            if actor == self.me:
-                # Our own dense share is sent to nobody else: the sum may take it over.
-                out += self._contribute(
-                    self._accs[(level, group.index)],
-                    (level, group.index),
-                    self.me,
-                    payload,
-                    seed,
-                    owned=True,
-                )
+        drawn = self._seeds.drawn.get(level)
+        first = drawn is None
+        if drawn is None:
+            # An actor keeps the dense share: its group's sum then starts with its
+            # own share in every segment (see LevelSeeds).
+            if self.me in group.actors:
+                dense_to = self.me
             else:
-                msg = Share(self.round_id, level, group.index, self.me, seed, payload, self.segment)
-                out.insert(0, Send(actor, msg))
-        return out
+                dense_to = group.actors[random_index(len(group.actors), self._random_bytes)]
+            others = [a for a in group.actors if a != dense_to]
+            seeds = dict(zip(others, draw_seeds(len(others), self._random_bytes), strict=True))
+            drawn = self._seeds.drawn[level] = (dense_to, seeds)
+        dense_to, seeds = drawn
+        vector = mask(vector, list(seeds.values()), self.segment)  # in place: ours to consume
+        out: list[Send] = []
+        if first:  # each seed travels once, with the first segment shared at this level
+            out += [
+                Send(actor, Share(self.round_id, level, group.index, self.me, seed, None, 0))
+                for actor, seed in seeds.items()
+            ]
+        if dense_to != self.me:
+            share = Share(self.round_id, level, group.index, self.me, None, vector, self.segment)
+            return [*out, Send(dense_to, share)]
+        # Our own dense share is sent to nobody else: the sum may take it over.
+        key = (level, group.index)
+        return out + self._contribute(self._accs[key], key, self.me, vector, None, owned=True)
 
     def _contribute(
         self,
@@ -334,23 +404,23 @@ class PeerRound:
             raise RemoteProtocolError(f"{sender} is not expected to send {acc.label}")
         if sender in acc.received:
             raise RemoteProtocolError(f"duplicate {acc.label} from {sender}")
-        if payload is not None:
-            payload = self._ring_elements(payload, f"{acc.label} from {sender}")
-        if payload is None and seed is None:
+        if seed is not None:
+            # Only a started sum takes a seed in (apply_seed): no zero-filled start.
+            add_expanded_seed(seed, acc.total, self.segment)  # type: ignore[arg-type]
+        elif payload is None:
             raise RemoteProtocolError(f"{acc.label} from {sender} is empty")
-        if acc.total is None:
-            # The first contribution becomes the sum: adopted when it is ours to
-            # mutate (our own dense share), else copied or expanded; no zero-fill.
-            if payload is None:
-                acc.total = expand_seed(seed, self.size, self.dtype)  # type: ignore[arg-type]
-            elif owned:
-                acc.total = payload
-            else:
-                acc.total = payload.copy()
-        elif payload is not None:
-            np.add(acc.total, payload, out=acc.total)
         else:
-            add_expanded_seed(seed, acc.total)  # type: ignore[arg-type]
+            payload = self._ring_elements(payload, f"{acc.label} from {sender}")
+            if acc.total is not None:
+                np.add(acc.total, payload, out=acc.total)
+            else:
+                # The first dense share becomes the sum: adopted when it is ours to
+                # mutate (our own dense share, a freshly opened payload), else copied.
+                acc.total = payload if owned else payload.copy()
+                # Then every seed booked before this sum started.
+                for other, booked in self._seeds.received.get(key, {}).items():
+                    add_expanded_seed(booked, acc.total, self.segment)
+                    acc.received.add(other)
         acc.received.add(sender)
         if not acc.complete:
             return []

@@ -7,12 +7,19 @@ each level of the tree waits for the whole vector of the level below. Cut into
 segments, every one of those buffers is segment-sized, and a segment climbs
 the tree while the next one is still being shared below it.
 
-Each segment is an independent round of :class:`PeerRound` (same tree, same
-links, its own shares and seeds), its vector carrying its own copy of the
-count slot so that a root actor decodes it as soon as its sum is complete
+Each segment is a round of :class:`PeerRound` (same tree, same links, its own
+dense shares), its vector carrying its own copy of the count slot so that a
+root actor decodes it as soon as its sum is complete
 (:func:`lightning_secagg.encoding.segment_bounds`). Its result is the slice of
 the result buffer that the segment decodes into
 (:func:`lightning_secagg.encoding.result_span`), so the slices tile the buffer.
+
+The seeds are the round's, not a segment's (:class:`LevelSeeds`): a
+participant draws them once per level and sends each once; segment ``k`` is
+masked with the ``k``-th keystream of each. A seed share names segment 0 and
+stands for every segment; an actor keeps it and each segment's sum takes it in
+when it starts. With one seed message per segment, seeds were half of a
+round's messages.
 
 Flow control: a peer has at most ``window`` segments of its own in flight: it
 shares segment ``k + window`` once it holds the result of segment ``k``. That
@@ -33,7 +40,7 @@ import numpy as np
 
 from lightning_secagg.errors import LocalProtocolError, RemoteProtocolError
 from lightning_secagg.messages import Message, Partial, Result, Share
-from lightning_secagg.protocol.peer_round import PeerRound, Send
+from lightning_secagg.protocol.peer_round import LevelSeeds, PeerRound, Send
 from lightning_secagg.sharing import RandomBytes
 from lightning_secagg.tree import AggregationTree
 
@@ -102,6 +109,7 @@ class SegmentedRound:
         #: The result buffer: every segment's result lands in its slice, so every
         #: byte is written before the round is done (no zero-fill of the model).
         self.buffer = np.empty(pos, dtype=np.uint8)
+        seeds = LevelSeeds()
         self.segments = [
             PeerRound(
                 me,
@@ -115,6 +123,7 @@ class SegmentedRound:
                 segment=k,
                 size=size,
                 dtype=dtype,
+                seeds=seeds,
             )
             for k, (size, (lo, hi)) in enumerate(zip(sizes, spans, strict=True))
         ]
@@ -216,6 +225,8 @@ class SegmentedRound:
         """
         if not isinstance(message, (Share, Partial, Result)):
             raise RemoteProtocolError(f"unexpected {type(message).__name__} between peers")
+        if isinstance(message, Share) and message.seed is not None:
+            return self._receive_seed(message)
         k = message.segment
         if not 0 <= k < len(self.segments):
             raise RemoteProtocolError(
@@ -227,6 +238,26 @@ class SegmentedRound:
             # (A segment's result needs this peer's own share of it, so the
             # segment, and the round, had started.)
             self._place(k)
+            out += self._fill_window()
+        return out
+
+    def _receive_seed(self, message: Share) -> list[Send]:
+        """A seed for every segment: booked once, taken in by each started segment's sum."""
+        key = (message.level, message.group)
+        sender = message.sender
+        # Segment 0 validates and books it (the book is shared); a sender that
+        # sent us a dense share of any segment at this level owes us no seed.
+        if any(seg.has_share_from(key, sender) for seg in self.segments[1:]):
+            raise RemoteProtocolError(f"seed from {sender} after its dense share at level {key[0]}")
+        out = self.segments[0].receive(message)
+        for seg in self.segments[1:]:
+            out += seg.apply_seed(key, sender)
+        placed = False
+        for k in range(self._first_unplaced, self._next):
+            if self.segments[k].result is not None and not self._placed[k]:
+                self._place(k)
+                placed = True
+        if placed:
             out += self._fill_window()
         return out
 
@@ -252,4 +283,8 @@ class SegmentedRound:
             # Counted as shared only once it is: an encoding error leaves it unshared.
             out += self.segments[k].start(self._encode(k))
             self._next += 1
+            if self.segments[k].result is not None:
+                # Our own share was the last piece: a root actor whose partner's
+                # partial sum is in, the partner having our seed for every segment.
+                self._place(k)
         return out

@@ -22,6 +22,7 @@ from lightning_secagg import Peer, Scheduler
 from lightning_secagg.encoding import Schema, magnitude_exponents
 from lightning_secagg.planner import Member, Plan, counter_random_bytes, predict
 from lightning_secagg.protocol import scheduler_state
+from lightning_secagg.protocol.segmented_round import SEGMENT_ELEMENTS
 from lightning_secagg.sharing import system_random_bytes
 from lightning_secagg.tree import AggregationTree
 
@@ -52,7 +53,16 @@ def compact_model(i: int) -> dict[str, torch.Tensor]:
     }
 
 
-MODELS = {"mixed": mixed_model, "compact": compact_model}
+def segmented_model(i: int) -> dict[str, torch.Tensor]:
+    # Three segments (the last one short), the second straddling two tensors:
+    # every peer's seeds stand for all three, dense shares go per segment.
+    return {
+        "w": torch.linspace(-1.0, 1.0, SEGMENT_ELEMENTS + 100) * 0.01 * i,
+        "v": torch.full((SEGMENT_ELEMENTS + 50,), 0.25 * i),
+    }
+
+
+MODELS = {"mixed": mixed_model, "compact": compact_model, "segmented": segmented_model}
 
 
 def all_auto(_i: int) -> str:
@@ -177,7 +187,9 @@ def assert_same_ring(plan: Plan, verdicts: list[object], ring_bits: int) -> None
     assert plan.ring.reason == verdict
     if ring_bits == 32:
         assert plan.ring.exponents == tuple(exponents)
-    assert plan.dense_bytes == ring_bits // 8 * plan.schema.vector_size
+    # The elements and a count slot per segment.
+    elements = plan.schema.vector_size - 1 + plan.num_segments
+    assert plan.dense_bytes == ring_bits // 8 * elements
 
 
 @pytest.mark.parametrize(
@@ -189,6 +201,9 @@ def assert_same_ring(plan: Plan, verdicts: list[object], ring_bits: int) -> None
         (7, 3, 2, "compact", "64", 64),  # nobody declares: 64-bit ring, nil in every sign-up
         (7, 3, 2, "compact", "one-64", 64),  # one peer with ring="64" keeps the round at 64
         (30, 3, 2, "mixed", "auto", 64),
+        # A deterministic stream is drawn in level order (once per level for all
+        # segments), so a round of several segments reproduces the plan exactly too.
+        (7, 3, 2, "segmented", "auto", 32),
     ],
 )
 def test_reported_bytes_equal_the_planners_exactly(

@@ -55,7 +55,7 @@ from lightning_secagg.messages import Assignment, Done, Share, Signup, SignupAck
 from lightning_secagg.peer import Peer
 from lightning_secagg.protocol.peer_round import PeerRound
 from lightning_secagg.protocol.scheduler_state import Outgoing, SchedulerState
-from lightning_secagg.sharing import add_expanded_seed, split
+from lightning_secagg.sharing import add_expanded_seed, draw_seeds, mask
 from lightning_secagg.tree import AggregationTree, build_tree
 from tests.unit.memnet import MemNet, seeded_bytes, weighted_mean
 from tests.unit.test_encoding import sample  # one sampler for both suites
@@ -547,10 +547,11 @@ def test_compact_ring_error_bound_and_exact_shares(case):
     # Additive shares in Z_2^32 (a dense share and seeds per peer) reconstruct exactly.
     from_shares = np.zeros(schema.vector_size, dtype=U32)
     for i, v in enumerate(vectors):
-        shares = split(v.copy(), 2 + i % 3, seeded_bytes(seed + i))
-        assert shares.dense.dtype == U32
-        np.add(from_shares, shares.dense, out=from_shares)
-        for s in shares.seeds:
+        seeds = draw_seeds(1 + i % 3, seeded_bytes(seed + i))
+        dense = mask(v.copy(), seeds)
+        assert dense.dtype == U32
+        np.add(from_shares, dense, out=from_shares)
+        for s in seeds:
             add_expanded_seed(s, from_shares)
     assert from_shares.tobytes() == total.tobytes()
 

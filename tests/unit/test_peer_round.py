@@ -37,7 +37,8 @@ def snapshot(p: PeerRound) -> tuple:
         for key, acc in p._accs.items()
     }
     result = None if p.result is None else bytes(p.result)
-    return (accs, result, p.started, p.waiting_for())
+    seeds = ({k: dict(v) for k, v in p._seeds.received.items()}, dict(p._seeds.drawn))
+    return (accs, seeds, result, p.started, p.waiting_for())
 
 
 def refuse(p: PeerRound, message, match: str) -> None:
@@ -185,8 +186,16 @@ def test_share_from_an_unexpected_sender(actor_a):
 
 
 def test_duplicate_share(actor_a):
-    refuse(actor_a, Share("r1", 0, 0, "c", SEED), "duplicate shares for level 0 group 0 from c")
-    refuse(actor_a, Share("r1", 0, 0, "a", SEED), "duplicate .* from a")  # my own share
+    # c's share is in, a seed or the dense share: neither kind is taken again.
+    if "c" in actor_a._seeds.received[(0, 0)]:
+        refuse(actor_a, Share("r1", 0, 0, "c", SEED), "duplicate shares for level 0 group 0 from c")
+        refuse(actor_a, Share("r1", 0, 0, "c", None, vec(1)), "dense share .* from c, whose seed")
+    else:
+        refuse(actor_a, Share("r1", 0, 0, "c", SEED), "seed from c after its dense share")
+        refuse(actor_a, Share("r1", 0, 0, "c", None, vec(1)), "duplicate .* from c")
+    # My own share (the dense one: an actor keeps it).
+    refuse(actor_a, Share("r1", 0, 0, "a", None, vec(1)), "duplicate .* from a")
+    refuse(actor_a, Share("r1", 0, 0, "a", SEED), "seed from a after its dense share")
 
 
 def test_wrong_payload_size(actor_a):

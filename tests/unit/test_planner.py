@@ -71,7 +71,7 @@ def test_depth_for_1000_peers_is_the_documented_14():
         (6, 200 * SEGMENT_ELEMENTS + 7, "auto", 4),
     ],
 )
-def test_leaf_sends_one_dense_share_and_seeds_and_receives_the_result_per_segment(
+def test_leaf_sends_a_dense_share_per_segment_one_seed_and_receives_the_result_per_segment(
     n, params, ring, element_bytes
 ):
     p = plan(n, 3, 2, params=params, ring=ring)
@@ -89,21 +89,23 @@ def test_leaf_sends_one_dense_share_and_seeds_and_receives_the_result_per_segmen
     def envelope(seq: int, parts: int) -> int:
         return len(Envelope("0" * 16, sender, seq, parts).pack())
 
-    sent = received = 0
+    # One seed, for every segment (naming segment 0): the only message on the
+    # link to one of the leaf's two actors.
+    seed_header = len(encode(Share("0" * 16, 0, 0, sender, bytes(32), None, 0))[0])
+    assert seed_header == len(encode(Share("0" * 16, 0, 0, sender, None, None, 0))[0]) + 33
+    sent = envelope(0, 1) + 1 + seed_header + 16
+    received = 0
     for k, (a, b) in enumerate(bounds):
         header = len(encode(Share("0" * 16, 0, 0, sender, None, None, k))[0])
-        seed_header = len(encode(Share("0" * 16, 0, 0, sender, bytes(32), None, k))[0])
-        assert seed_header == header + 33  # bin8 of 32 bytes instead of nil
-        # Segment k of the leaf is the k-th message on the link to each of its two
-        # actors: one dense share of the segment's elements and its count slot, one seed.
+        # Segment k's dense share (its elements and its count slot) is the k-th
+        # message on the link to the other actor.
         sent += envelope(k, 2) + 1 + header + 16 + element_bytes * (1 + b - a) + 16
-        sent += envelope(k, 1) + 1 + seed_header + 16
         lo, hi = result_span(model_schema(params), a, b)
         result_header = len(encode(Result("0" * 16, sender, None, k))[0])
         received += envelope(k, 2) + 1 + 32 + 16 + result_header + 16 + (hi - lo) + 16
     assert leaf.p2p_sent == sent
     assert leaf.p2p_received == leaf.p2p_received_min == leaf.p2p_received_max == received
-    assert leaf.messages_sent == 2 * len(bounds) + 1  # 2 shares a segment + sign-up
+    assert leaf.messages_sent == len(bounds) + 2  # a dense share a segment, a seed, sign-up
     assert leaf.messages_received == len(bounds) + 2  # a result a segment + ack + assignment
 
 
@@ -123,7 +125,7 @@ def test_a_float32_leaf_moves_twice_the_model_in_the_compact_ring_three_times_in
     assert 3 * model < moved[1] < 3 * model + overhead
 
 
-def test_a_model_of_several_segments_is_that_many_rounds_of_one_segment():
+def test_a_model_of_several_segments_is_that_many_rounds_of_one_segment_with_seeds_sent_once():
     params = 3 * SEGMENT_ELEMENTS + 5
     # float64 (so the 64-bit ring): 8-byte elements keep every result span
     # aligned, as a one-segment model of the same size is.
@@ -139,31 +141,42 @@ def test_a_model_of_several_segments_is_that_many_rounds_of_one_segment():
     assert multi.result_bytes == 8 * params
     assert multi.segment_result_bytes == 8 * SEGMENT_ELEMENTS
     # Each segment is a round of its own over the same tree: the same messages as
-    # a one-segment model of the segment's size, whose bytes differ only by the
+    # a one-segment model of the segment's size (whose bytes differ only by the
     # segment index in the headers and the sequence numbers in the envelopes,
-    # one msgpack byte each below 128 either way.
+    # one msgpack byte each below 128 either way), except the seeds: a peer sends
+    # one seed per level it participates at (num_actors - 1 = 1), for every segment.
     sizes = [SEGMENT_ELEMENTS] * 3 + [5]
     singles = [predict(multi.tree, model_schema(m, "float64")) for m in sizes]
     assert all(q.num_segments == 1 for q in singles)
+
+    def seed_message(sender: str) -> int:  # sealed: envelope, mode byte, header, tag
+        header = len(encode(Share("0" * 16, 0, 0, sender, bytes(32), None, 0))[0])
+        return len(Envelope("0" * 16, sender, 0, 1).pack()) + 1 + header + 16
+
+    seeds_saved = 0
     for x in multi.peers:
         ones = [q.peer(x.peer_id) for q in singles]
-        assert x.p2p_sent == sum(o.p2p_sent for o in ones), x.peer_id
-        # the dense-share recipients are drawn per segment: the ranges add up
-        assert x.p2p_received_min == sum(o.p2p_received_min for o in ones), x.peer_id
-        assert x.p2p_received_max == sum(o.p2p_received_max for o in ones), x.peer_id
+        levels = sum(1 for r in x.roles if r.startswith("participant@"))
+        saved = (len(sizes) - 1) * levels
+        assert x.p2p_sent == sum(o.p2p_sent for o in ones) - saved * seed_message(x.peer_id)
         assert x.p2p_received_min <= x.p2p_received <= x.p2p_received_max
-        assert x.messages_sent - 1 == sum(o.messages_sent - 1 for o in ones)
-        assert x.messages_received - 2 == sum(o.messages_received - 2 for o in ones)
+        assert x.messages_sent - 1 == sum(o.messages_sent - 1 for o in ones) - saved
         assert x.scheduler_sent == ones[0].scheduler_sent
-    assert sum(x.p2p_received for x in multi.peers) == sum(
-        o.p2p_received for q in singles for o in q.peers
+        seeds_saved += saved * seed_message(x.peer_id)
+    assert sum(x.p2p_received for x in multi.peers) == (
+        sum(o.p2p_received for q in singles for o in q.peers) - seeds_saved
     )
-    # An actor of a level-0 group with one non-actor participant may get that
-    # participant's dense share of any segment, or none: the range spans every
-    # segment's dense payload (less the 32-byte seed and its bin8 marker), a tag each.
+    # An actor of a level-0 group with one non-actor participant gets from it
+    # either its dense share of every segment or its seed, once: the range spans
+    # the dense messages less the seed message.
     actor = next(x for x in multi.peers if x.kind == "actor at level 0")
-    extra = sum(8 * (1 + b - a) - 33 + 16 for a, b in multi.segments)
-    assert actor.p2p_received_max - actor.p2p_received_min == extra
+    sender = "peer-00000000"  # every id has this length
+    dense = 0
+    for k, (a, b) in enumerate(multi.segments):
+        header = len(encode(Share("0" * 16, 0, 0, sender, None, None, k))[0])
+        dense += len(Envelope("0" * 16, sender, k, 2).pack()) + 1 + header + 16
+        dense += 8 * (1 + b - a) + 16
+    assert actor.p2p_received_max - actor.p2p_received_min == dense - seed_message(sender)
 
 
 def test_result_size_follows_dtype_and_alignment():

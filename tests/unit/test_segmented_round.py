@@ -306,13 +306,19 @@ def test_start_shares_exactly_the_first_window(window):
         assert setup.encoded[pid] == list(range(first))
         shares = [x.message for x in sends]
         assert all(isinstance(m, Share) and m.level == 0 and m.sender == pid for m in shares)
-        # Each shared segment: one share to every actor of my group but myself.
-        per_segment = len(group.actors) - (pid in group.actors)
-        by_segment = sorted(m.segment for m in shares)
-        assert by_segment == sorted(list(range(first)) * per_segment)
-        assert {(x.to, m.segment) for x, m in zip(sends, shares, strict=True)} == {
-            (a, k) for k in range(first) for a in group.actors if a != pid
-        }
+        # A seed for every actor of my group but the dense share's, once for all
+        # segments (naming segment 0); a dense share per segment, kept by an actor.
+        seeds = [(x.to, m.segment) for x, m in zip(sends, shares, strict=True) if m.seed]
+        dense = [(x.to, m.segment) for x, m in zip(sends, shares, strict=True) if not m.seed]
+        assert all(m.seed is None or m.payload is None for m in shares)
+        dense_to = {to for to, _ in dense}
+        if pid in group.actors:
+            assert dense == []
+            assert sorted(seeds) == sorted((a, 0) for a in group.actors if a != pid)
+        else:
+            assert len(dense_to) == 1 and dense_to <= set(group.actors)
+            assert sorted(k for _, k in dense) == list(range(first))
+            assert sorted(seeds) == sorted((a, 0) for a in group.actors if a not in dense_to)
         # An actor waits for level-0 shares (phase 0); a leaf for the result.
         phase = 0 if pid in group.actors else 2 * setup.tree.depth
         assert p.pending() == [(k, phase) for k in range(first)]
@@ -361,8 +367,11 @@ def snapshot(p: SegmentedRound) -> tuple:
             for key, acc in s._accs.items()
         }
         segs.append((accs, None if s.result is None else bytes(s.result), s.started))
+    book = p.segments[0]._seeds
     return (
         segs,
+        {key: dict(seeds) for key, seeds in book.received.items()},
+        dict(book.drawn),
         p.buffer.tobytes(),
         p.shared,
         p.in_flight,
@@ -390,11 +399,16 @@ def test_out_of_range_and_negative_segments_refused():
     setup = make_segmented(6, window=2, seed=5)
     s = setup.num_segments
     net = started_net(setup)
-    send = next(x for x in net.pending if isinstance(x.message, Share))
+    send = next(x for x in net.pending if isinstance(x.message, Share) and x.message.seed is None)
     p = setup.peers[send.to]
     for bad in (s, s + 1, -1, -s):
         refused = dataclasses.replace(send.message, segment=bad)
         refuse(p, refused, f"share for segment {bad} of a round of {s} segments")
+    # A seed share stands for every segment and must name segment 0.
+    seed = next(x for x in net.pending if isinstance(x.message, Share) and x.message.seed)
+    for bad in (1, s - 1, s, -1):
+        refused = dataclasses.replace(seed.message, segment=bad)
+        refuse(setup.peers[seed.to], refused, f"seed share for segment {bad}, not 0")
     # The same message in range is accepted (the refusals were about the segment).
     m = send.message
     p.receive(m)
@@ -404,7 +418,7 @@ def test_out_of_range_and_negative_segments_refused():
 def test_duplicate_share_refused():
     setup = make_segmented(6, window=2, seed=6)
     net = started_net(setup)
-    send = next(x for x in net.pending if isinstance(x.message, Share))
+    send = next(x for x in net.pending if isinstance(x.message, Share) and x.message.seed is None)
     p = setup.peers[send.to]
     p.receive(send.message)
     refuse(p, send.message, "duplicate")
@@ -419,6 +433,28 @@ def test_duplicate_share_refused():
         and x.message.segment != send.message.segment
     )
     p.receive(other.message)
+    # A seed from a participant whose dense shares come to us is refused, in
+    # any segment's place: it would count that participant twice.
+    m = send.message
+    refuse(p, Share(m.round_id, m.level, m.group, m.sender, bytes(32)), "after its dense share")
+
+
+def test_seed_shares_are_kept_for_every_segment_and_refused_twice():
+    setup = make_segmented(6, window=1, seed=7)
+    net = started_net(setup)
+    send = next(x for x in net.pending if isinstance(x.message, Share) and x.message.seed)
+    p, m = setup.peers[send.to], send.message
+    key = (m.level, m.group)
+    p.receive(m)
+    assert p.segments[0]._seeds.received[key] == {m.sender: m.seed}
+    # Taken in by the sums that have started (segment 0: the actor's own share is in).
+    assert p.segments[0].has_share_from(key, m.sender)
+    assert not any(seg.has_share_from(key, m.sender) for seg in p.segments[1:])
+    refuse(p, m, "duplicate")
+    # And no dense share from that participant, in any segment.
+    for k in range(setup.num_segments):
+        dense = Share(m.round_id, m.level, m.group, m.sender, None, np.zeros(8, np.uint8), k)
+        refuse(p, dense, "whose seed stands for every segment")
 
 
 def result_setup() -> tuple[Setup, MemNet, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -17,10 +18,12 @@ from lightning_secagg import sharing
 from lightning_secagg.sharing import (
     CHUNK_BYTES,
     SEED_BYTES,
+    RandomBytes,
     add_expanded_seed,
+    draw_seeds,
     expand_seed,
+    mask,
     random_index,
-    split,
     subtract_expanded_seed,
     system_random_bytes,
 )
@@ -42,7 +45,19 @@ class CountingBytes:
         return self._rng.randbytes(n)
 
 
-def reassemble(shares: sharing.Shares, size: int) -> np.ndarray:
+@dataclass(frozen=True)
+class Shares:
+    dense: np.ndarray
+    seeds: tuple[bytes, ...]
+
+
+def split(vector: np.ndarray, num_shares: int, random_bytes: RandomBytes) -> Shares:
+    """``num_shares`` additive shares of ``vector``, as a participant makes them."""
+    seeds = draw_seeds(num_shares - 1, random_bytes)
+    return Shares(mask(vector, seeds), seeds)
+
+
+def reassemble(shares: Shares, size: int) -> np.ndarray:
     total = shares.dense.copy()
     for seed in shares.seeds:
         add_expanded_seed(seed, total)
@@ -103,9 +118,15 @@ def test_same_seed_expands_identically_and_different_seeds_differ():
 
 def _ctr_stream(seed: bytes, chunk_index: int, nbytes: int) -> bytes:
     """AES-256-CTR keystream with GCM's first data counter block: nonce ``i`` || 2."""
+    return _ctr_stream_of(seed, 0, chunk_index, nbytes)
+
+
+def _ctr_stream_of(seed: bytes, stream: int, chunk_index: int, nbytes: int) -> bytes:
+    """Chunk ``i`` of stream ``s``: nonce ``i`` (8 bytes) || ``s`` (4 bytes), little-endian."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-    counter = chunk_index.to_bytes(12, "little") + (2).to_bytes(4, "big")
+    nonce = chunk_index.to_bytes(8, "little") + stream.to_bytes(4, "little")
+    counter = nonce + (2).to_bytes(4, "big")
     return Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor().update(bytes(nbytes))
 
 
@@ -127,6 +148,28 @@ def test_each_chunk_of_the_stream_has_its_own_nonce():
         got = long[index * words : (index + 1) * words].tobytes()
         assert got == _ctr_stream(seed, index, len(got))
     assert not np.array_equal(long[:2], long[words : words + 2])
+
+
+@pytest.mark.parametrize("stream", [1, 4, 255, 2**32 - 1])
+def test_each_stream_of_a_seed_has_its_own_nonces(stream):
+    # A round's segments share a seed: segment s is stream s, chunk i under the
+    # nonce i || s, so no segment repeats another's keystream.
+    seed = bytes(range(9, 41))
+    words = CHUNK_BYTES // 4
+    got = expand_seed(seed, words + 3, np.uint32, stream)
+    assert got[:words].tobytes() == _ctr_stream_of(seed, stream, 0, CHUNK_BYTES)
+    assert got[words:].tobytes() == _ctr_stream_of(seed, stream, 1, 12)
+    assert not np.array_equal(got[:8], expand_seed(seed, 8, np.uint32, 0))
+    v = np.arange(10, dtype=np.uint64)
+    subtract_expanded_seed(seed, v, stream)
+    add_expanded_seed(seed, v, stream)
+    assert v.tolist() == list(range(10))
+
+
+@pytest.mark.parametrize("stream", [-1, 2**32])
+def test_stream_out_of_range_refused(stream):
+    with pytest.raises(ValueError, match="stream must be in"):
+        expand_seed(bytes(32), 4, np.uint32, stream)
 
 
 @pytest.mark.parametrize("dtype", [np.uint64, np.uint32])
@@ -197,7 +240,7 @@ def test_seed_length_checked(length):
 def test_split_needs_two_shares(k):
     source = CountingBytes(0)
     vector = np.arange(4, dtype=np.uint64)
-    with pytest.raises(ValueError, match="num_shares must be >= 2"):
+    with pytest.raises(ValueError, match="needs at least one seed"):
         split(vector, k, source)
     assert source.calls == []
     assert vector.tolist() == [0, 1, 2, 3]
