@@ -30,13 +30,10 @@ has the next sequence number in its envelope. That is what
 :class:`~lightning_secagg.peer.RoundStats`; ZeroMQ's framing and CurveZMQ's
 per-frame overhead (a few dozen bytes a frame) are not included in either.
 
-Which actor receives a participant's dense shares is random in a real round
-(drawn from the peer's ``random_bytes`` once per level, for every segment; the
-others get the participant's seed, once), so an actor's *received* bytes vary
-from round to round; what a peer *sends* does not. :class:`PeerPlan` gives the
-figure for the simulated draw and the ``[min, max]`` range over all draws.
-(A peer draws level by level, so with a deterministic ``random_bytes`` a real
-round reproduces the simulated draw exactly, whatever the timing.)
+Which actor gets each of a participant's dense shares is fixed by the tree
+and the segment (:func:`~lightning_secagg.protocol.peer_round.dense_actor`),
+and randomness only draws the seeds, whose size is fixed: every figure is
+exact, received bytes included, in every round over the same tree.
 
 The ring is chosen as the scheduler chooses it: the compact ring Z_2^32 (4-byte
 elements) when every member declares its magnitude exponents
@@ -56,7 +53,7 @@ import hashlib
 import random
 import re
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,7 +164,7 @@ def assumed_exponents(schema: Schema) -> list[int]:
 def counter_random_bytes(label: str) -> RandomBytes:
     """A deterministic byte stream (SHA-256 in counter mode) named by ``label``.
 
-    For previews and tests only: it makes the dense-share draws reproducible.
+    For the simulation's seeds (no size depends on them) and for tests only.
     Real peers use ``os.urandom``.
     """
     counter = 0
@@ -282,8 +279,6 @@ class PeerPlan:
     kind: str
     p2p_sent: int
     p2p_received: int
-    p2p_received_min: int
-    p2p_received_max: int
     scheduler_sent: int
     scheduler_received: int
     messages_sent: int
@@ -296,7 +291,7 @@ class PeerPlan:
 
     @property
     def bytes_received(self) -> int:
-        """What :attr:`RoundStats.bytes_received` reports (for the simulated dense-share draw)."""
+        """What :attr:`RoundStats.bytes_received` reports for this peer."""
         return self.p2p_received + self.scheduler_received
 
     def to_dict(self) -> dict[str, Any]:
@@ -309,7 +304,6 @@ class PeerPlan:
             "bytes_received": self.bytes_received,
             "p2p_sent": self.p2p_sent,
             "p2p_received": self.p2p_received,
-            "p2p_received_range": [self.p2p_received_min, self.p2p_received_max],
             "scheduler_sent": self.scheduler_sent,
             "scheduler_received": self.scheduler_received,
             "messages_sent": self.messages_sent,
@@ -428,8 +422,8 @@ class Plan:
                     count=len(ps),
                     sent=(min(p.bytes_sent for p in ps), max(p.bytes_sent for p in ps)),
                     received=(
-                        min(p.p2p_received_min + p.scheduler_received for p in ps),
-                        max(p.p2p_received_max + p.scheduler_received for p in ps),
+                        min(p.bytes_received for p in ps),
+                        max(p.bytes_received for p in ps),
                     ),
                 )
             )
@@ -553,21 +547,14 @@ class Plan:
             "",
             f"all peers together send {total:,} B "
             f"({total / max(1, self.num_peers):,.0f} B per peer on average)",
-            "received bytes of actors vary with which actor draws a participant's dense "
-            "shares; the ranges cover every draw",
         ]
         if show_peers:
             lines.append("")
             rows = [("peer", "roles", "sends (B)", "receives (B)")]
             for p in self.peers:
-                spread = (
-                    p.p2p_received_min + p.scheduler_received,
-                    p.p2p_received_max + p.scheduler_received,
+                rows.append(
+                    (p.peer_id, ", ".join(p.roles), f"{p.bytes_sent:,}", f"{p.bytes_received:,}")
                 )
-                received = f"{p.bytes_received:,}"
-                if spread[0] != spread[1]:
-                    received += f" (any draw: {_span(spread)})"
-                rows.append((p.peer_id, ", ".join(p.roles), f"{p.bytes_sent:,}", received))
             lines += _table(rows)
         return "\n".join(lines)
 
@@ -725,7 +712,6 @@ def sealed_parts(payload_bytes: int) -> int:
 def _simulate(
     tree: AggregationTree,
     round_id: str,
-    random_bytes_for: Callable[[str], RandomBytes],
     ring_bits: int,
     num_segments: int,
 ) -> tuple[dict[str, SegmentedRound], list[Send]]:
@@ -744,7 +730,7 @@ def _simulate(
             spans=spans,
             encode=lambda _k: np.zeros(1, dtype=dtype),
             finalize=lambda _k, _total, out: out,
-            random_bytes=random_bytes_for(pid),
+            random_bytes=counter_random_bytes(pid),  # seeds: their bytes size nothing
         )
         for pid in tree.members
     }
@@ -770,7 +756,6 @@ def predict(
     round_id: str = DEFAULT_ROUND_ID,
     session: str = DEFAULT_SESSION,
     deadline_s: float = DEFAULT_DEADLINE_S,
-    random_bytes_for: Callable[[str], RandomBytes] | None = None,
     seed: int | None = None,
     warnings: Sequence[str] = (),
     segment_elements: int = SEGMENT_ELEMENTS,
@@ -798,8 +783,6 @@ def predict(
         round_id: The round's id (16 hex digits in production).
         session: The session name.
         deadline_s: The scheduler's round timeout (a float on the wire either way).
-        random_bytes_for: Each peer's randomness, to reproduce its dense-share
-            draws exactly; a deterministic stream per peer when omitted.
         seed: Recorded in the plan, for display.
         warnings: Privacy warnings to show.
         segment_elements: Data elements per segment: the protocol's
@@ -822,23 +805,17 @@ def predict(
         ]
     if sorted(m.peer_id for m in members) != sorted(tree.members):
         raise ConfigurationError("members must be exactly the tree's members")
-    if random_bytes_for is None:
-        random_bytes_for = counter_random_bytes
     declared = [m.declared(schema) for m in members]
     ring = RingChoice.of(schema, declared)
     ring_bits = ring.ring_bits
     bounds = segment_bounds(schema, segment_elements)
-    states, delivered = _simulate(tree, round_id, random_bytes_for, ring_bits, len(bounds))
+    states, delivered = _simulate(tree, round_id, ring_bits, len(bounds))
     sealed = all(m.public_key for m in members)  # an insecure round sends plaintext
     next_seq: dict[tuple[str, str], int] = {}
     p2p_sent = dict.fromkeys(states, 0)
     p2p_recv = dict.fromkeys(states, 0)
     n_sent = dict.fromkeys(states, 0)
     n_recv = dict.fromkeys(states, 0)
-    # Per link (sender, receiver): the level of each share it carried; and the
-    # links and levels that carried dense shares in the simulated draw.
-    link_levels: dict[tuple[str, str], list[int]] = {}
-    dense_links: set[tuple[str, str, int]] = set()
     for send in delivered:
         msg = send.message
         sender = getattr(msg, "sender", None)
@@ -858,54 +835,7 @@ def predict(
         n_sent[sender] += 1
         p2p_recv[send.to] += size
         n_recv[send.to] += 1
-        if isinstance(msg, Share):
-            link_levels.setdefault((sender, send.to), []).append(msg.level)
-            if msg.seed is None:
-                dense_links.add((sender, send.to, msg.level))
 
-    # Received range: a non-actor participant of a group sends one of the group's
-    # actors its dense share of every segment and each other actor one seed, the
-    # actor drawn once per round. Each actor's bytes from each such participant
-    # are one of two amounts; the links are independent, so the range is the sum
-    # of the smaller (larger) amounts over the actor's links.
-    def link_bytes(sender: str, level: int, group: int, dense: bool, first_seq: int) -> int:
-        if dense:
-            shares = [
-                Share(round_id, level, group, sender, None, None, k) for k in range(len(bounds))
-            ]
-        else:
-            shares = [Share(round_id, level, group, sender, bytes(SEED_BYTES), None, 0)]
-        total = 0
-        for i, share in enumerate(shares):
-            envelope = None
-            if sealed:
-                payload = payload_size(share, schema, ring_bits, segment_elements=segment_elements)
-                envelope = Envelope(round_id, sender, first_seq + i, sealed_parts(payload))
-            total += wire_size(
-                share, schema, ring_bits, seal=envelope, segment_elements=segment_elements
-            )
-        return total
-
-    low = dict(p2p_recv)
-    high = dict(p2p_recv)
-    for level in tree.levels:
-        for g in level:
-            for participant in g.participants:
-                if participant in g.actors:
-                    continue
-                for actor in g.actors:
-                    # The link's other messages (seeds of lower levels, where the
-                    # participant is an actor) take the first sequence numbers; a
-                    # link's envelopes add up the same in any order.
-                    levels = link_levels[(participant, actor)]
-                    others = len(levels) - levels.count(g.level)
-                    amounts = [
-                        link_bytes(participant, g.level, g.index, dense, others)
-                        for dense in (False, True)
-                    ]
-                    actual = amounts[(participant, actor, g.level) in dense_links]
-                    low[actor] += min(amounts) - actual
-                    high[actor] += max(amounts) - actual
     assignment = Assignment(
         session=session,
         round_id=round_id,
@@ -942,8 +872,6 @@ def predict(
                 kind=_kind(state),
                 p2p_sent=p2p_sent[m.peer_id],
                 p2p_received=p2p_recv[m.peer_id],
-                p2p_received_min=low[m.peer_id],
-                p2p_received_max=high[m.peer_id],
                 scheduler_sent=wire_size(signup, schema, ring_bits),
                 scheduler_received=wire_size(ack, schema, ring_bits) + assignment_bytes,
                 messages_sent=n_sent[m.peer_id] + 1,
@@ -986,8 +914,8 @@ def plan(
         target_size: Peers per round.
         group_size: Participants per group.
         num_actors: Actors per group.
-        seed: Seeds the preview's shuffle (a :class:`random.Random`) and the
-            simulated dense-share draws; the scheduler and the peers use a CSPRNG.
+        seed: Seeds the preview's shuffle (a :class:`random.Random`); the
+            scheduler uses a CSPRNG.
         params: Model elements, when ``schema`` is not given.
         dtype: The model's dtype, when ``schema`` is not given.
         schema: A real model's layout (``Schema.of(model.state_dict())``).
@@ -1014,14 +942,10 @@ def plan(
         for i, pid in enumerate(ids)
     ]
 
-    def draws(pid: str) -> RandomBytes:
-        return counter_random_bytes(f"{seed}:{pid}")
-
     return predict(
         tree,
         schema,
         members=members,
-        random_bytes_for=draws,
         seed=seed,
         warnings=privacy_warnings(target_size, group_size, num_actors),
     )

@@ -160,14 +160,3 @@ def mask(vector: np.ndarray, seeds: Sequence[bytes], stream: int = 0) -> np.ndar
     for seed in seeds:
         subtract_expanded_seed(seed, vector, stream)
     return vector
-
-
-def random_index(n: int, random_bytes: RandomBytes) -> int:
-    """An unbiased index in ``range(n)`` from the injected byte source (rejection sampling)."""
-    if n < 1:
-        raise ValueError("n must be >= 1")
-    limit = (1 << 64) - ((1 << 64) % n)
-    while True:
-        value = int.from_bytes(random_bytes(8), "little")
-        if value < limit:
-            return value % n

@@ -9,10 +9,12 @@ The round, from one peer's view:
 
 1. Level 0: split the encoded vector into ``num_actors`` additive shares and
    send one to each actor of my group (keeping the dense share if I am one of
-   them; the others get 32-byte seeds). The seeds and the dense share's
-   recipient are drawn once per level for the whole round (:class:`LevelSeeds`):
-   in a round cut into segments, every segment is masked with the same seeds
-   (the segment's own keystream of each), and a seed travels once.
+   them; the others get 32-byte seeds). The seeds are drawn once per level for
+   the whole round (:class:`LevelSeeds`): in a round cut into segments, every
+   segment is masked with the same seeds (the segment's own keystream of
+   each), and a seed travels once. Which actor gets a non-actor's dense share
+   rotates with the segment (:func:`dense_actor`), so every actor gets its even
+   part of the dense shares whatever the draw.
 2. For every group I act for, wait for exactly one share from each of its
    participants; their sum is my vector for the next level, where I
    participate again (step 1 at that level).
@@ -41,7 +43,6 @@ from lightning_secagg.sharing import (
     add_expanded_seed,
     draw_seeds,
     mask,
-    random_index,
 )
 from lightning_secagg.tree import AggregationTree, Group
 
@@ -82,17 +83,38 @@ class LevelSeeds:
     every segment only multiplied the messages (half of a segmented round's).
 
     Attributes:
-        drawn: As a participant, per level: the actor that gets the dense share,
-            and the seed of every other actor (drawn with the first segment
-            shared at that level, sent with it).
+        segments: Segments in the round (1 for a lone :class:`PeerRound`).
+        drawn: As a participant, per level: a seed for every actor of its group
+            that needs one (drawn with the first segment shared at that level,
+            sent with it): every actor but itself, and in a round of one
+            segment, but the one that gets its dense share. A segment is masked
+            with the seeds of every actor but the one that gets its dense share
+            (:func:`dense_actor`).
         received: As an actor, per ``(level, group)``: the seed of each
-            participant that sent one. Each segment's sum takes them in when it
-            starts (an actor always contributes its own dense share to its own
-            group's sum, so every segment's sum does start).
+            participant that sent one. Each segment's sum takes in those of the
+            participants whose dense share of that segment goes elsewhere, when
+            it starts (an actor always contributes its own dense share to its
+            own group's sum, so every segment's sum does start).
     """
 
-    drawn: dict[int, tuple[str, dict[str, bytes]]] = field(default_factory=dict)
+    segments: int = 1
+    drawn: dict[int, dict[str, bytes]] = field(default_factory=dict)
     received: dict[tuple[int, int], dict[str, bytes]] = field(default_factory=dict)
+
+
+def dense_actor(group: Group, participant: str, segment: int) -> str:
+    """The actor of ``group`` that gets ``participant``'s dense share of ``segment``.
+
+    An actor keeps its own. A non-actor's goes to the actors in turn, segment by
+    segment, starting from its rank among the group's non-actors: every actor
+    gets an even part of the dense shares (bytes, memory and work) in every
+    round. Who gets a dense share matters to nobody's privacy (it is as random
+    as a seed's stream to its holder), so no randomness is spent on it.
+    """
+    if participant in group.actors:
+        return participant
+    others = [p for p in group.participants if p not in group.actors]
+    return group.actors[(others.index(participant) + segment) % len(group.actors)]
 
 
 def designated_actor(group: Group, participant: str) -> str | None:
@@ -116,7 +138,7 @@ class PeerRound:
             ``dtype`` say what it will be.
         finalize: Turns the ring total into the result buffer; only root actors call it.
         result_nbytes: Size every result buffer must have.
-        random_bytes: Randomness for seeds and for picking the actor that gets the dense share.
+        random_bytes: Randomness for the seeds.
         sends_are_copied: The transport serializes (seals) every payload it is
             handed before the next call into this object, so a buffer that was
             sent may be written to afterwards. A root actor then sums the partial
@@ -176,6 +198,7 @@ class PeerRound:
             )
             for g in self.acted
         }
+        self._groups = {(g.level, g.index): g for g in self.acted}
         root = tree.root
         self.is_root_actor = me in root.actors
         if self.is_root_actor:
@@ -260,25 +283,29 @@ class PeerRound:
                     f"share for level {message.level} group {message.group}, "
                     f"where {self.me} is not an actor"
                 )
-            booked = self._seeds.received.get(key, {})
-            if message.sender in booked:
-                raise RemoteProtocolError(
-                    f"duplicate {acc.label} from {message.sender}"
-                    if is_seed
-                    else f"dense share of {acc.label} from {message.sender}, "
-                    "whose seed stands for every segment"
-                )
+            if message.sender == self.me:
+                raise RemoteProtocolError("share claims to come from myself")
+            if message.sender not in acc.expected:
+                raise RemoteProtocolError(f"{message.sender} is not expected to send {acc.label}")
             if message.seed is None:
+                owner = dense_actor(self._groups[key], message.sender, self.segment)
+                if owner != self.me:
+                    raise RemoteProtocolError(
+                        f"dense share of segment {self.segment} from {message.sender} "
+                        f"belongs to {owner}"
+                    )
                 return self._contribute(
                     acc, key, message.sender, message.payload, None, owned=payload_owned
                 )
-            if message.sender not in acc.expected:
-                raise RemoteProtocolError(f"{message.sender} is not expected to send {acc.label}")
-            if message.sender in acc.received:
+            booked = self._seeds.received.get(key, {})
+            if message.sender in booked:
+                raise RemoteProtocolError(f"duplicate seed for {acc.label} from {message.sender}")
+            if self._seeds.segments == 1 and self._dense_is_mine(key, message.sender):
                 raise RemoteProtocolError(
-                    f"seed from {message.sender} after its dense share of {acc.label}"
+                    f"seed for {acc.label} from {message.sender}, whose only dense share is ours"
                 )
-            self._seeds.received.setdefault(key, {})[message.sender] = message.seed
+            booked = self._seeds.received.setdefault(key, booked)
+            booked[message.sender] = message.seed
             return self.apply_seed(key, message.sender)
         if isinstance(message, Partial):
             acc = self._accs.get((ROOT, 0))
@@ -307,22 +334,20 @@ class PeerRound:
             return self._distribute(payload)
         raise RemoteProtocolError(f"unexpected {type(message).__name__} between peers")
 
-    def has_share_from(self, key: tuple[int, int], sender: str) -> bool:
-        """Whether the sum for ``key`` (level, group) has taken ``sender``'s share in."""
-        acc = self._accs.get(key)
-        return acc is not None and sender in acc.received
-
     def apply_seed(self, key: tuple[int, int], sender: str) -> list[Send]:
-        """Take ``sender``'s booked seed into the sum for ``key`` if that sum has started.
+        """Take ``sender``'s booked seed into the sum for ``key`` if this segment needs it.
 
-        A sum that has not started takes it in when it does; one that is
-        complete already has it. Called by the segmented round for every
-        segment when a seed arrives.
+        Not in a segment whose dense share from ``sender`` is ours; a sum that
+        has not started takes it in when it does; one that is complete already
+        has it. Called by the segmented round for every segment when a seed arrives.
         """
         acc = self._accs[key]
-        if acc.total is None or sender in acc.received:
+        if acc.total is None or sender in acc.received or self._dense_is_mine(key, sender):
             return []
         return self._contribute(acc, key, sender, None, self._seeds.received[key][sender])
+
+    def _dense_is_mine(self, key: tuple[int, int], sender: str) -> bool:
+        return dense_actor(self._groups[key], sender, self.segment) == self.me
 
     def pending_phase(self) -> int | None:
         """The earliest phase (see :mod:`lightning_secagg.deadlines`) this peer still waits in.
@@ -348,7 +373,7 @@ class PeerRound:
         for key, acc in self._accs.items():
             # A booked seed is not missing, even before the sum has taken it in.
             booked = self._seeds.received.get(key, {})
-            missing = [p for p in acc.missing() if p not in booked]
+            missing = [p for p in acc.missing() if p not in booked or self._dense_is_mine(key, p)]
             if missing:
                 parts.append(f"{acc.label} from {', '.join(missing)}")
         if self.result is None and self.result_from is not None:
@@ -363,20 +388,20 @@ class PeerRound:
         group = self.tree.group_of(self.me, level)
         if group is None:  # pragma: no cover - guarded by the tree's invariants
             raise LocalProtocolError(f"{self.me} does not participate at level {level}")
-        drawn = self._seeds.drawn.get(level)
-        first = drawn is None
-        if drawn is None:
-            # An actor keeps the dense share: its group's sum then starts with its
-            # own share in every segment (see LevelSeeds).
-            if self.me in group.actors:
-                dense_to = self.me
-            else:
-                dense_to = group.actors[random_index(len(group.actors), self._random_bytes)]
-            others = [a for a in group.actors if a != dense_to]
+        seeds = self._seeds.drawn.get(level)
+        first = seeds is None
+        if seeds is None:
+            # With two segments or more, a non-actor's dense shares visit every
+            # actor in turn, so every actor needs its seed for the other segments.
+            only = dense_actor(group, self.me, 0) if self._seeds.segments == 1 else self.me
+            others = [a for a in group.actors if a not in (self.me, only)]
             seeds = dict(zip(others, draw_seeds(len(others), self._random_bytes), strict=True))
-            drawn = self._seeds.drawn[level] = (dense_to, seeds)
-        dense_to, seeds = drawn
-        vector = mask(vector, list(seeds.values()), self.segment)  # in place: ours to consume
+            self._seeds.drawn[level] = seeds
+        # An actor keeps its dense share: its group's sum then starts with its own
+        # share in every segment (see LevelSeeds).
+        dense_to = dense_actor(group, self.me, self.segment)
+        masks = [seed for actor, seed in seeds.items() if actor != dense_to]
+        vector = mask(vector, masks, self.segment)  # in place: the vector is ours to consume
         out: list[Send] = []
         if first:  # each seed travels once, with the first segment shared at this level
             out += [
@@ -417,10 +442,11 @@ class PeerRound:
                 # The first dense share becomes the sum: adopted when it is ours to
                 # mutate (our own dense share, a freshly opened payload), else copied.
                 acc.total = payload if owned else payload.copy()
-                # Then every seed booked before this sum started.
+                # Then every seed booked before this sum started that it needs.
                 for other, booked in self._seeds.received.get(key, {}).items():
-                    add_expanded_seed(booked, acc.total, self.segment)
-                    acc.received.add(other)
+                    if not self._dense_is_mine(key, other):
+                        add_expanded_seed(booked, acc.total, self.segment)
+                        acc.received.add(other)
         acc.received.add(sender)
         if not acc.complete:
             return []

@@ -109,7 +109,7 @@ class SegmentedRound:
         #: The result buffer: every segment's result lands in its slice, so every
         #: byte is written before the round is done (no zero-fill of the model).
         self.buffer = np.empty(pos, dtype=np.uint8)
-        seeds = LevelSeeds()
+        seeds = LevelSeeds(segments=len(sizes))
         self.segments = [
             PeerRound(
                 me,
@@ -245,11 +245,7 @@ class SegmentedRound:
         """A seed for every segment: booked once, taken in by each started segment's sum."""
         key = (message.level, message.group)
         sender = message.sender
-        # Segment 0 validates and books it (the book is shared); a sender that
-        # sent us a dense share of any segment at this level owes us no seed.
-        if any(seg.has_share_from(key, sender) for seg in self.segments[1:]):
-            raise RemoteProtocolError(f"seed from {sender} after its dense share at level {key[0]}")
-        out = self.segments[0].receive(message)
+        out = self.segments[0].receive(message)  # validates and books it (the book is shared)
         for seg in self.segments[1:]:
             out += seg.apply_seed(key, sender)
         placed = False

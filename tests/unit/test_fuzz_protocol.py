@@ -44,7 +44,7 @@ from lightning_secagg.messages import (
     Signup,
     SignupAck,
 )
-from lightning_secagg.protocol.peer_round import ROOT, PeerRound, Send
+from lightning_secagg.protocol.peer_round import ROOT, PeerRound, Send, dense_actor
 from lightning_secagg.protocol.scheduler_state import SchedulerState
 from lightning_secagg.tree import build_tree
 
@@ -97,7 +97,8 @@ def snapshot_peer(p: PeerRound) -> Any:
         k: (frozenset(a.received), None if a.total is None else a.total.tobytes())
         for k, a in p._accs.items()
     }
-    return accs, None if p.result is None else p.result.tobytes(), p.started
+    seeds = {k: dict(v) for k, v in p._seeds.received.items()}
+    return accs, seeds, None if p.result is None else p.result.tobytes(), p.started
 
 
 def plausible(p: PeerRound, msg: Message) -> bool:
@@ -105,8 +106,18 @@ def plausible(p: PeerRound, msg: Message) -> bool:
     if getattr(msg, "round_id", None) != p.round_id:
         return False
     if isinstance(msg, Share):
-        acc = p._accs.get((msg.level, msg.group))
-        ok_size = msg.payload is None or msg.payload.nbytes == p.size * p.dtype.itemsize
+        key = (msg.level, msg.group)
+        acc = p._accs.get(key)
+        if acc is None or msg.sender not in acc.expected or msg.sender == p.me:
+            return False
+        group = next(g for g in p.acted if (g.level, g.index) == key)
+        mine = dense_actor(group, msg.sender, p.segment) == p.me
+        if msg.seed is not None:  # one seed per participant, unless its only dense share is ours
+            return msg.sender not in p._seeds.received.get(key, {}) and not (
+                p._seeds.segments == 1 and mine
+            )
+        ok_size = msg.payload is not None and msg.payload.nbytes == p.size * p.dtype.itemsize
+        return mine and msg.sender not in acc.received and ok_size
     elif isinstance(msg, Partial):
         acc = p._accs.get((ROOT, 0)) if msg.sender != p.me else None
         ok_size = msg.payload is not None and msg.payload.nbytes == p.size * p.dtype.itemsize

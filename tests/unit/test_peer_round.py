@@ -123,10 +123,11 @@ def test_start_sends_shares_to_the_other_actors_only():
     assert sorted(s.to for s in out_c) == ["a", "b"]
     shares = [s.message for s in out_c]
     assert all(isinstance(m, Share) and (m.level, m.group, m.sender) == (0, 0, "c") for m in shares)
-    # One dense share, one 32-byte seed.
+    # One dense share, one 32-byte seed; in a round of one segment the dense share
+    # goes to actor (rank among the non-actors) mod num_actors: c is the first.
     assert sorted(m.seed is None for m in shares) == [False, True]
-    dense = next(m for m in shares if m.seed is None)
-    assert dense.payload.size == 4
+    dense = next(s for s in out_c if s.message.seed is None)
+    assert dense.to == "a" and dense.message.payload.size == 4
     # An actor keeps its own (dense) share and sends a seed to the other actor.
     out_a = peers["a"].start()
     assert [(s.to, s.message.seed is not None, s.message.payload is None) for s in out_a] == [
@@ -186,25 +187,39 @@ def test_share_from_an_unexpected_sender(actor_a):
 
 
 def test_duplicate_share(actor_a):
-    # c's share is in, a seed or the dense share: neither kind is taken again.
-    if "c" in actor_a._seeds.received[(0, 0)]:
-        refuse(actor_a, Share("r1", 0, 0, "c", SEED), "duplicate shares for level 0 group 0 from c")
-        refuse(actor_a, Share("r1", 0, 0, "c", None, vec(1)), "dense share .* from c, whose seed")
-    else:
-        refuse(actor_a, Share("r1", 0, 0, "c", SEED), "seed from c after its dense share")
-        refuse(actor_a, Share("r1", 0, 0, "c", None, vec(1)), "duplicate .* from c")
-    # My own share (the dense one: an actor keeps it).
-    refuse(actor_a, Share("r1", 0, 0, "a", None, vec(1)), "duplicate .* from a")
-    refuse(actor_a, Share("r1", 0, 0, "a", SEED), "seed from a after its dense share")
+    # c's only dense share (segment 0 of a round of one) is ours, and in.
+    refuse(actor_a, Share("r1", 0, 0, "c", None, vec(1)), "duplicate shares .* from c")
+    refuse(actor_a, Share("r1", 0, 0, "c", SEED), "whose only dense share is ours")
+    # Nobody else may send my own share.
+    refuse(actor_a, Share("r1", 0, 0, "a", None, vec(1)), "claims to come from myself")
+    refuse(actor_a, Share("r1", 0, 0, "a", SEED), "claims to come from myself")
+    # b is an actor and keeps its dense share: a seed is all it may send us.
+    refuse(actor_a, Share("r1", 0, 0, "b", None, vec(1)), "from b belongs to b")
 
 
-def test_wrong_payload_size(actor_a):
-    refuse(actor_a, Share("r1", 0, 0, "b", None, vec(1, 3)), "has 3 elements, expected 4")
-    refuse(actor_a, Share("r1", 0, 0, "b", None, vec(1, 5)), "has 5 elements, expected 4")
+def test_duplicate_seed():
+    a = identity_round("a")
+    a.receive(Share("r1", 0, 0, "b", SEED))  # booked: a's sum has not started
+    assert a._seeds.received[(0, 0)] == {"b": SEED}
+    assert "from b" not in a.waiting_for()
+    refuse(a, Share("r1", 0, 0, "b", bytes(32)), "duplicate seed .* from b")
 
 
-def test_empty_share(actor_a):
-    refuse(actor_a, Share("r1", 0, 0, "b", None, None), "is empty")
+def dense_slot() -> PeerRound:
+    """``a`` started: c's dense share (ours) still to come."""
+    a = identity_round("a")
+    a.start()
+    return a
+
+
+def test_wrong_payload_size():
+    a = dense_slot()
+    refuse(a, Share("r1", 0, 0, "c", None, vec(1, 3)), "has 3 elements, expected 4")
+    refuse(a, Share("r1", 0, 0, "c", None, vec(1, 5)), "has 5 elements, expected 4")
+
+
+def test_empty_share():
+    refuse(dense_slot(), Share("r1", 0, 0, "c", None, None), "is empty")
 
 
 def test_partial_to_a_non_root_actor():

@@ -41,7 +41,7 @@ from lightning_secagg.encoding import (
 )
 from lightning_secagg.errors import LocalProtocolError, RemoteProtocolError
 from lightning_secagg.messages import Abort, Done, Partial, Result, Share
-from lightning_secagg.protocol.peer_round import Send
+from lightning_secagg.protocol.peer_round import Send, dense_actor
 from lightning_secagg.protocol.segmented_round import SegmentedRound
 from lightning_secagg.tree import AggregationTree, build_tree
 from tests.unit.memnet import (
@@ -306,19 +306,19 @@ def test_start_shares_exactly_the_first_window(window):
         assert setup.encoded[pid] == list(range(first))
         shares = [x.message for x in sends]
         assert all(isinstance(m, Share) and m.level == 0 and m.sender == pid for m in shares)
-        # A seed for every actor of my group but the dense share's, once for all
-        # segments (naming segment 0); a dense share per segment, kept by an actor.
+        # A seed for every actor of my group but me, once for all segments (naming
+        # segment 0); a dense share per segment, kept by an actor, else sent to the
+        # actors in turn.
         seeds = [(x.to, m.segment) for x, m in zip(sends, shares, strict=True) if m.seed]
         dense = [(x.to, m.segment) for x, m in zip(sends, shares, strict=True) if not m.seed]
         assert all(m.seed is None or m.payload is None for m in shares)
-        dense_to = {to for to, _ in dense}
+        assert sorted(seeds) == sorted((a, 0) for a in group.actors if a != pid)
         if pid in group.actors:
             assert dense == []
-            assert sorted(seeds) == sorted((a, 0) for a in group.actors if a != pid)
         else:
-            assert len(dense_to) == 1 and dense_to <= set(group.actors)
-            assert sorted(k for _, k in dense) == list(range(first))
-            assert sorted(seeds) == sorted((a, 0) for a in group.actors if a not in dense_to)
+            assert sorted(dense) == sorted((dense_actor(group, pid, k), k) for k in range(first))
+            if first > 1:
+                assert len({to for to, _ in dense}) == 2  # turns, not one actor
         # An actor waits for level-0 shares (phase 0); a leaf for the result.
         phase = 0 if pid in group.actors else 2 * setup.tree.depth
         assert p.pending() == [(k, phase) for k in range(first)]
@@ -422,41 +422,49 @@ def test_duplicate_share_refused():
     p = setup.peers[send.to]
     p.receive(send.message)
     refuse(p, send.message, "duplicate")
-    # Refused in its own segment only: the same share for the other started segment is not
-    # a duplicate (it is what the sender sent for that segment).
+    # Refused in its own segment only: the sender's dense share of the other started
+    # segment is not a duplicate. It goes to the group's other actor (the actors
+    # take turns), and only there.
     other = next(
         x
         for x in net.pending
         if isinstance(x.message, Share)
-        and x.to == send.to
+        and x.message.seed is None
         and x.message.sender == send.message.sender
         and x.message.segment != send.message.segment
     )
-    p.receive(other.message)
-    # A seed from a participant whose dense shares come to us is refused, in
-    # any segment's place: it would count that participant twice.
-    m = send.message
-    refuse(p, Share(m.round_id, m.level, m.group, m.sender, bytes(32)), "after its dense share")
+    assert other.to != send.to
+    refuse(p, other.message, "belongs to")
+    setup.peers[other.to].receive(other.message)
 
 
 def test_seed_shares_are_kept_for_every_segment_and_refused_twice():
     setup = make_segmented(6, window=1, seed=7)
     net = started_net(setup)
-    send = next(x for x in net.pending if isinstance(x.message, Share) and x.message.seed)
+    # A non-actor participant's seed to an actor: the actor gets that
+    # participant's dense share in every other segment and its seed's stream in the rest.
+    send = next(
+        x
+        for x in net.pending
+        if isinstance(x.message, Share)
+        and x.message.seed
+        and x.message.sender not in setup.tree.group_of(x.message.sender, 0).actors
+    )
     p, m = setup.peers[send.to], send.message
     key = (m.level, m.group)
+    group = setup.tree.group_of(m.sender, 0)
     p.receive(m)
     assert p.segments[0]._seeds.received[key] == {m.sender: m.seed}
-    # Taken in by the sums that have started (segment 0: the actor's own share is in).
-    assert p.segments[0].has_share_from(key, m.sender)
-    assert not any(seg.has_share_from(key, m.sender) for seg in p.segments[1:])
+    # Taken in only by a started sum (window 1: segment 0's at most) that needs it.
+    for k, seg in enumerate(p.segments):
+        took = m.sender in seg._accs[key].received
+        assert took == (k == 0 and dense_actor(group, m.sender, 0) != send.to)
     refuse(p, m, "duplicate")
-    # And no dense share from that participant, in any segment.
+    # Dense shares from that participant: only for the segments whose dense share is ours.
     for k in range(setup.num_segments):
         dense = Share(m.round_id, m.level, m.group, m.sender, None, np.zeros(8, np.uint8), k)
-        refuse(p, dense, "whose seed stands for every segment")
-
-
+        if dense_actor(group, m.sender, k) != send.to:
+            refuse(p, dense, "belongs to")
 def result_setup() -> tuple[Setup, MemNet, str]:
     """A round run until only results are left to deliver; returns a non-actor's id."""
     setup = make_segmented(6, window=5, seed=8)

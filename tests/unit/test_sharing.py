@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +22,6 @@ from lightning_secagg.sharing import (
     draw_seeds,
     expand_seed,
     mask,
-    random_index,
     subtract_expanded_seed,
     system_random_bytes,
 )
@@ -271,7 +269,6 @@ def test_split_does_not_touch_global_generators():
     torch_state = torch.get_rng_state().clone()
     py_state = random.getstate()
     split(np.arange(8, dtype=np.uint64), 4, system_random_bytes)
-    random_index(5, system_random_bytes)
     assert np.array_equal(np.random.get_state()[1], np_state)
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert random.getstate() == py_state
@@ -287,45 +284,3 @@ def test_system_random_bytes_is_the_os_csprng(monkeypatch):
     monkeypatch.setattr(sharing.os, "urandom", fake_urandom)
     assert system_random_bytes(32) == b"\x01" * 32
     assert calls == [32]
-
-
-# -- random_index ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("n", [1, 2, 3, 7])
-def test_random_index_in_range_and_roughly_uniform(n):
-    source = CountingBytes(n)
-    draws = 6000
-    counts = Counter(random_index(n, source) for _ in range(draws))
-    assert set(counts) == set(range(n))
-    expected = draws / n
-    for c in counts.values():
-        assert abs(c - expected) < 5 * (expected**0.5) + 1
-
-
-def test_random_index_uses_eight_bytes_little_endian():
-    source = CountingBytes(0)
-    random_index(3, source)
-    assert source.calls == [8]
-    assert random_index(10, lambda n: (13).to_bytes(8, "little")) == 3
-
-
-def test_random_index_rejects_the_biased_tail():
-    # For n = 3, 2**64 % 3 == 1: the single largest value is rejected and redrawn.
-    values = iter([2**64 - 1, 5])
-    calls = []
-
-    def source(n: int) -> bytes:
-        calls.append(n)
-        return next(values).to_bytes(8, "little")
-
-    assert random_index(3, source) == 5 % 3
-    assert len(calls) == 2
-    # The largest accepted value is kept.
-    assert random_index(3, lambda n: (2**64 - 2).to_bytes(8, "little")) == (2**64 - 2) % 3
-
-
-@pytest.mark.parametrize("n", [0, -3])
-def test_random_index_needs_a_positive_n(n):
-    with pytest.raises(ValueError, match="n must be >= 1"):
-        random_index(n, os.urandom)
