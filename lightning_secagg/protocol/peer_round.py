@@ -13,8 +13,8 @@ The round, from one peer's view:
    the whole round (:class:`LevelSeeds`): in a round cut into segments, every
    segment is masked with the same seeds (the segment's own keystream of
    each), and a seed travels once. Which actor gets a non-actor's dense share
-   rotates with the segment (:func:`dense_actor`), so every actor gets its even
-   part of the dense shares whatever the draw.
+   rotates with the segment (:func:`dense_actor`), so every actor gets an even
+   part of the dense shares.
 2. For every group I act for, wait for exactly one share from each of its
    participants; their sum is my vector for the next level, where I
    participate again (step 1 at that level).
@@ -304,8 +304,7 @@ class PeerRound:
                 raise RemoteProtocolError(
                     f"seed for {acc.label} from {message.sender}, whose only dense share is ours"
                 )
-            booked = self._seeds.received.setdefault(key, booked)
-            booked[message.sender] = message.seed
+            self._seeds.received.setdefault(key, {})[message.sender] = message.seed
             return self.apply_seed(key, message.sender)
         if isinstance(message, Partial):
             acc = self._accs.get((ROOT, 0))
