@@ -879,11 +879,17 @@ class Peer:
             return None
         pair = rnd.links.get(item.sender)
         if pair is None:
+            if item.sender == self.peer_id:
+                why = "itself, in"
+            elif item.sender in rnd.members:
+                why = "a member we exchange nothing with (not a tree neighbour) in"
+            else:
+                why = "not a member of"
             log.warning(
                 "peer %s dropped a message claiming to be from %s: %s round %s",
                 self.peer_id,
                 item.sender,
-                "itself, in" if item.sender == self.peer_id else "not a member of",
+                why,
                 item.round_id,
             )
             return None

@@ -3,7 +3,8 @@
 stdout (one line each, flushed)::
 
     READY {"peer_id", "endpoint", "key"}           after start()
-    ASSIGNED {"round_id", "tree", "members", "round_keys"}  when an assignment arrives
+    ASSIGNED {"round_id", "tree", "group_size", "num_actors", "members", "round_keys"}
+                                                     when an assignment arrives
     RESULT {"round", "round_id", "digest", "values"} after each round
     FAILED {"round", "error"}                      a round raised (the test fails on it)
 
@@ -65,6 +66,8 @@ def main() -> int:
             {
                 "round_id": msg.round_id,
                 "tree": msg.tree,
+                "group_size": msg.group_size,
+                "num_actors": msg.num_actors,
                 "members": msg.members,
                 "round_keys": msg.round_keys,
             },

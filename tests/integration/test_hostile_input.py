@@ -69,6 +69,7 @@ from lightning_secagg.messages import (
 )
 from lightning_secagg.sealing import MAX_PARTS, SEAL_VERSION, Envelope, Link, RoundKey
 from lightning_secagg.security import make_curve_client
+from lightning_secagg.tree import AggregationTree
 from tests.integration._peer_worker import make_state
 from tests.integration._procs import REPO, _lines, free_port, python_env, start_scheduler, stop_all
 from tests.integration._reference import assert_matches_reference
@@ -90,6 +91,8 @@ MALFORMED = "dropped a malformed message"  # the envelope (or frame 0) is not on
 SEALED = "failed authentication"
 NOT_MEMBER = "not a member of round"  # the envelope names a non-member sender
 ITSELF = "itself, in round"  # the envelope names the receiver itself
+# The envelope names a member the receiver has no link with (links: tree neighbours only).
+NOT_NEIGHBOUR = "not a tree neighbour) in round"
 DUPLICATE = "dropped a share: duplicate"  # the round's state machine refuses a repeat
 FINISHED = "ignores a message of finished round"  # traffic of a round already over
 DROPPED = "dropped a"  # every drop line (all of the above but FINISHED, and more)
@@ -1035,6 +1038,10 @@ def test_replayed_sealed_messages_are_dropped(cluster):
         snapshot = {p: w.recorded(rid) for p, w in receivers.items()}
         duplicates = {w.index: 0 for w in cluster.workers}
         sealed = {w.index: 0 for w in cluster.workers}
+        # A member holds links with its tree neighbours only: a replay from anyone
+        # else finds no link (and says so) instead of failing authentication.
+        tree = AggregationTree.from_wire(info["tree"], info["group_size"], info["num_actors"])
+        no_link = {w.index: 0 for w in cluster.workers}
         attacker = Attacker()
         try:
             socks = {w.peer_id: attacker.plain(w.direct) for w in cluster.workers}
@@ -1046,26 +1053,32 @@ def test_replayed_sealed_messages_are_dropped(cluster):
                         w for w in cluster.workers if w.peer_id not in (pid, envelope.sender, held)
                     )
                     send_to(socks[other.peer_id], frames)
-                    sealed[other.index] += 1
+                    if envelope.sender in tree.neighbours(other.peer_id):
+                        sealed[other.index] += 1
+                    else:
+                        no_link[other.index] += 1
                     bumped = Envelope(rid, envelope.sender, envelope.seq + 1, envelope.parts)
                     send_to(socks[pid], [bumped.pack(), *frames[1:]])
                     sealed[cluster.worker(pid).index] += 1
             cluster.wait_for_counts(DUPLICATE, plus(first["dup0"], duplicates), stall - 1.0)
             cluster.wait_for_counts(SEALED, plus(first["sealed0"], sealed), 3.0)
+            cluster.wait_for_counts(NOT_NEIGHBOUR, plus(first["no_link0"], no_link), 3.0)
         finally:
             attacker.close()
-        first.update(duplicates=duplicates, sealed=sealed)
+        first.update(duplicates=duplicates, sealed=sealed, no_link=no_link)
         first["late"] = time.monotonic() - started > stall - 0.5
 
     first["dup0"] = cluster.counts(DUPLICATE)
     first["sealed0"] = cluster.counts(SEALED)
+    first["no_link0"] = cluster.counts(NOT_NEIGHBOUR)
     dropped0 = cluster.dropped(DROPPED)
     cluster.check(cluster.round(stall=stall, stall_index=holder.index, on_assigned=within_round))
     assert not first["late"], "the replays took too long; the round may have moved on"
     assert sum(first["duplicates"].values()) >= 4
     assert cluster.counts(DUPLICATE) == plus(first["dup0"], first["duplicates"])
     assert cluster.counts(SEALED) == plus(first["sealed0"], first["sealed"])
-    replayed = sum(first["duplicates"].values()) + sum(first["sealed"].values())
+    assert cluster.counts(NOT_NEIGHBOUR) == plus(first["no_link0"], first["no_link"])
+    replayed = sum(sum(first[k].values()) for k in ("duplicates", "sealed", "no_link"))
     assert cluster.dropped(DROPPED) - dropped0 == replayed
 
     # The whole first round as received by each member (the round is over: all of it).
@@ -1094,10 +1107,17 @@ def test_replayed_sealed_messages_are_dropped(cluster):
         started = time.monotonic()
         rid2 = info["round_id"]
         assert rid2 != rid1
-        # Same sender, sequence number and sealed parts; the new round's id.
+        # Same sender, sequence number and sealed parts; the new round's id. A sender
+        # that is no tree neighbour of its receiver in the new round finds no link.
         targets = [w for w in cluster.workers if w is not holder]
-        sealed = {w.index: len(recorded[w.peer_id]) for w in targets}
+        tree = AggregationTree.from_wire(info["tree"], info["group_size"], info["num_actors"])
+        sealed = {
+            w.index: sum(e.sender in tree.neighbours(w.peer_id) for e, _ in recorded[w.peer_id])
+            for w in targets
+        }
+        no_link = {w.index: len(recorded[w.peer_id]) - sealed[w.index] for w in targets}
         expected = plus(cluster.counts(SEALED), sealed)
+        expected_no_link = plus(cluster.counts(NOT_NEIGHBOUR), no_link)
         attacker = Attacker()
         try:
             for w in targets:
@@ -1107,9 +1127,12 @@ def test_replayed_sealed_messages_are_dropped(cluster):
                 ]
                 assert send_all(attacker.plain(w.direct), messages) == len(messages)
             cluster.wait_for_counts(SEALED, expected, stall - 1.0)
+            cluster.wait_for_counts(NOT_NEIGHBOUR, expected_no_link, 3.0)
         finally:
             attacker.close()
-        second.update(sealed=expected, late=time.monotonic() - started > stall - 0.5)
+        second.update(
+            sealed=expected, no_link=expected_no_link, late=time.monotonic() - started > stall - 0.5
+        )
 
     dropped1 = cluster.dropped(DROPPED)
     cluster.check(
@@ -1120,6 +1143,7 @@ def test_replayed_sealed_messages_are_dropped(cluster):
     assert not second["late"], "the replays took too long; the round may have moved on"
     assert cluster.counts(FINISHED) == second["finished"]
     assert cluster.counts(SEALED) == second["sealed"]
+    assert cluster.counts(NOT_NEIGHBOUR) == second["no_link"]
     assert cluster.dropped(DROPPED) - dropped1 == sum(
         len(recorded[w.peer_id]) for w in cluster.workers if w is not holder
     )
