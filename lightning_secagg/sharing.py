@@ -122,20 +122,6 @@ def _apply_keystream(seed: bytes, acc: np.ndarray, op: np.ufunc, stream: int) ->
         op(chunk, words, out=chunk)
 
 
-def expand_seed(
-    seed: bytes, size: int, dtype: np.dtype | type = np.uint64, stream: int = 0
-) -> np.ndarray:
-    """The vector of ``size`` ring elements (``uint64`` or ``uint32``) ``seed`` names in ``stream``.
-
-    Raises:
-        ValueError: the seed is not 32 bytes, not a ring dtype, or the stream is out of range.
-    """
-    out = np.empty(size, dtype=dtype)
-    for start, words in _keystream(seed, size, out.dtype, stream):
-        out[start : start + words.size] = words
-    return out
-
-
 def draw_seeds(count: int, random_bytes: RandomBytes) -> tuple[bytes, ...]:
     """``count`` fresh seeds: the random shares of a split into ``count + 1`` shares.
 

@@ -70,7 +70,7 @@ class SegmentedRound:
         finalize: ``finalize(k, total, out)`` decodes segment ``k``'s ring total
             into ``out`` (its slice of the result buffer) and returns ``out``;
             only root actors call it.
-        random_bytes: Randomness for seeds and dense-share recipients.
+        random_bytes: Randomness for the seeds.
         window: Segments of its own this peer keeps in flight.
         sends_are_copied: As for :class:`PeerRound`.
     """
@@ -232,30 +232,29 @@ class SegmentedRound:
             raise RemoteProtocolError(
                 f"{message.TYPE} for segment {k} of a round of {len(self.segments)} segments"
             )
-        seg = self.segments[k]
-        out = seg.receive(message, payload_owned=payload_owned)
-        if seg.result is not None and not self._placed[k]:
-            # (A segment's result needs this peer's own share of it, so the
-            # segment, and the round, had started.)
-            self._place(k)
-            out += self._fill_window()
-        return out
+        out = self.segments[k].receive(message, payload_owned=payload_owned)
+        return out + self._settle()
 
     def _receive_seed(self, message: Share) -> list[Send]:
         """A seed for every segment: booked once, taken in by each started segment's sum."""
         key = (message.level, message.group)
-        sender = message.sender
         out = self.segments[0].receive(message)  # validates and books it (the book is shared)
         for seg in self.segments[1:]:
-            out += seg.apply_seed(key, sender)
-        placed = False
+            out += seg.apply_seed(key, message.sender)
+        return out + self._settle()
+
+    def _settle(self) -> list[Send]:
+        """Place every segment whose result has come, then share what the window allows.
+
+        Only shared segments can have a result (each needs this peer's own
+        share), so the scan covers the few between the first unplaced one and
+        the next to share. Before :meth:`start` (shares that raced ahead of the
+        assignment) nothing is placed and nothing of ours is shared.
+        """
         for k in range(self._first_unplaced, self._next):
             if self.segments[k].result is not None and not self._placed[k]:
                 self._place(k)
-                placed = True
-        if placed:
-            out += self._fill_window()
-        return out
+        return self._fill_window() if self.started else []
 
     def _place(self, k: int) -> None:
         """Put segment ``k``'s result into its slice of the buffer (a root actor's is there)."""

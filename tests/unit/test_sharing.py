@@ -20,7 +20,6 @@ from lightning_secagg.sharing import (
     RandomBytes,
     add_expanded_seed,
     draw_seeds,
-    expand_seed,
     mask,
     subtract_expanded_seed,
     system_random_bytes,
@@ -41,6 +40,15 @@ class CountingBytes:
     def __call__(self, n: int) -> bytes:
         self.calls.append(n)
         return self._rng.randbytes(n)
+
+
+def expand_seed(
+    seed: bytes, size: int, dtype: np.dtype | type = np.uint64, stream: int = 0
+) -> np.ndarray:
+    """The vector ``seed`` names in ``stream``: its keystream added to zeros."""
+    out = np.zeros(size, dtype=dtype)
+    add_expanded_seed(seed, out, stream)
+    return out
 
 
 @dataclass(frozen=True)
