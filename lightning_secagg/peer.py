@@ -25,8 +25,9 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 import zmq
 
@@ -894,7 +895,11 @@ class Peer:
             )
             return None
         try:
-            frames, blob = pair[1].open_message(item.envelope, item.frames)
+            frames, blob = pair[1].open_message(
+                item.envelope,
+                item.frames,
+                lambda header, nbytes: self._result_slot(rnd, item.sender, header, nbytes),
+            )
             msg = codec.decode(frames, codec.MAX_PEER_HEADER_BYTES, PEER_TO_PEER)
         except RemoteProtocolError as exc:
             log.warning("peer %s dropped a sealed message: %s", self.peer_id, exc)
@@ -914,11 +919,25 @@ class Peer:
             return None
         return msg, blob
 
+    @staticmethod
+    def _result_slot(rnd: _Round, sender: str, header: Any, nbytes: int) -> np.ndarray | None:
+        """Where a sealed payload may be decrypted: a result segment's slice of the
+        round's result buffer, if the header names one the round waits for
+        (:meth:`SegmentedRound.result_slot`); None (a buffer of its own) otherwise."""
+        try:
+            fields = codec.decode_header(header, codec.MAX_PEER_HEADER_BYTES)
+        except RemoteProtocolError:
+            return None  # codec.decode says what is wrong with it
+        if fields["t"] != Result.TYPE or fields.get("sender") != sender:
+            return None
+        return rnd.state.result_slot(fields.get("segment"), sender, nbytes)  # type: ignore[arg-type]
+
     def _feed_message(self, rnd: _Round, msg: Message, blob: SealedBlob | None = None) -> None:
         """Hand an accepted message to the round and send what it answers."""
         try:
-            # An opened sealed payload is a fresh buffer of ours; on insecure links
-            # it is a view of ZeroMQ's frame.
+            # An opened sealed payload is a buffer of ours (a fresh one, or a
+            # result's slice of the round's own buffer); on insecure links it is
+            # a view of ZeroMQ's frame.
             sends = self._step(rnd, lambda: rnd.state.receive(msg, payload_owned=bool(rnd.links)))
         except RemoteProtocolError as exc:
             log.warning("peer %s dropped a %s: %s", self.peer_id, msg.TYPE, exc)

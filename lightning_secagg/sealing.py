@@ -50,7 +50,7 @@ state machine refuses; in any other round no key opens it.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,14 +152,46 @@ def _split_chunks(payload: Any) -> list[memoryview]:
     return [view[i : i + CHUNK_BYTES] for i in range(0, view.nbytes, CHUNK_BYTES)]
 
 
-def _decrypt_parts(aead: AESGCM, nonces: Sequence[bytes], parts: Sequence[Any], aad: Any) -> Any:
-    """Decrypt ciphertext parts into one fresh writable ``uint8`` buffer (raises InvalidTag)."""
+#: ``place(header, nbytes)``: where to decrypt a payload of ``nbytes`` whose sealed
+#: header is ``header`` (authenticated already): a writable 1-d ``uint8`` array of
+#: exactly ``nbytes``, or None for a fresh buffer. See :meth:`Link.open_message`.
+Placer = Callable[[Any, int], np.ndarray | None]
+
+
+def payload_nbytes(parts: Sequence[Any]) -> int:
+    """The plaintext size of a payload sealed in ``parts``.
+
+    Raises:
+        RemoteProtocolError: a part is too short to hold any plaintext.
+    """
     sizes = [frame_nbytes(f) - TAG_BYTES for f in parts]
-    if min(sizes) <= 0:
+    if not sizes or min(sizes) <= 0:
         raise RemoteProtocolError("a sealed payload part is empty")
-    payload = np.empty(sum(sizes), dtype=np.uint8)
+    return sum(sizes)
+
+
+def _decrypt_parts(
+    aead: AESGCM,
+    nonces: Sequence[bytes],
+    parts: Sequence[Any],
+    aad: Any,
+    out: np.ndarray | None = None,
+) -> Any:
+    """Decrypt ciphertext parts into ``out``, or one fresh writable ``uint8`` buffer.
+
+    Raises InvalidTag; ``out`` may then hold part of the plaintext, never
+    anything the caller may use.
+    """
+    total = payload_nbytes(parts)
+    if out is None:
+        payload = np.empty(total, dtype=np.uint8)
+    elif out.dtype != np.uint8 or out.ndim != 1 or out.nbytes != total:
+        raise ValueError(f"cannot decrypt a {total}-byte payload into {out.nbytes} bytes")
+    else:
+        payload = out
     pos = 0
-    for nonce, frame, size in zip(nonces, parts, sizes, strict=True):
+    for nonce, frame in zip(nonces, parts, strict=True):
+        size = frame_nbytes(frame) - TAG_BYTES
         aead.decrypt_into(nonce, frame, aad, memoryview(payload[pos : pos + size]))
         pos += size
     return payload
@@ -187,15 +219,22 @@ class SealedBlob:
             raise ValueError("nothing to seal")
         return cls(key, tuple(aead.encrypt(_nonce(0, i), c, None) for i, c in enumerate(chunks)))
 
-    def open(self) -> Any:
-        """The payload, decrypted into one fresh writable ``uint8`` array.
+    def open(self, out: np.ndarray | None = None) -> Any:
+        """The payload, decrypted into ``out`` or one fresh writable ``uint8`` array.
+
+        Args:
+            out: A writable 1-d ``uint8`` array of exactly the payload's size
+                (:func:`payload_nbytes` of :attr:`parts`), e.g. the slice of a
+                result buffer the payload belongs in: no second copy.
 
         Raises:
-            RemoteProtocolError: a part fails authentication under the blob key.
+            RemoteProtocolError: a part fails authentication under the blob key
+                (``out`` may then hold garbage).
+            ValueError: ``out`` has the wrong size or type.
         """
         nonces = [_nonce(0, i) for i in range(len(self.parts))]
         try:
-            return _decrypt_parts(AESGCM(self.key), nonces, self.parts, None)
+            return _decrypt_parts(AESGCM(self.key), nonces, self.parts, None, out)
         except InvalidTag:
             raise RemoteProtocolError("a forwarded payload failed authentication") from None
 
@@ -309,13 +348,23 @@ class Link:
         return self.open_message(envelope, frames)[0]
 
     def open_message(
-        self, envelope: Envelope, frames: Sequence[Any]
+        self, envelope: Envelope, frames: Sequence[Any], place: Placer | None = None
     ) -> tuple[list[Any], SealedBlob | None]:
         """:meth:`open`, and the forwarded blob the payload came in, if it came in one.
 
+        Args:
+            envelope: The message's envelope, unpacked.
+            frames: The envelope frame and the sealed parts, as received.
+            place: Asked, once the header is authenticated and before any
+                payload byte is decrypted, where the payload goes
+                (:data:`Placer`): a receiver that knows where a payload belongs
+                (a result segment's slice of the result buffer) saves a copy.
+
         Raises:
             RemoteProtocolError: the part count is wrong, a part fails
-                authentication, or the sealed header is malformed.
+                authentication (a placed payload's buffer may then hold
+                garbage), or the sealed header is malformed.
+            ValueError: ``place`` returned a buffer of the wrong size or type.
         """
         if len(frames) != 1 + envelope.parts:
             raise RemoteProtocolError(
@@ -333,8 +382,9 @@ class Link:
             if not parts:
                 return [rest], None
             nonces = [_nonce(envelope.seq, i) for i in range(1, len(parts) + 1)]
+            out = place(rest, payload_nbytes(parts)) if place is not None else None
             try:
-                return [rest, _decrypt_parts(self.aead, nonces, parts, aad)], None
+                return [rest, _decrypt_parts(self.aead, nonces, parts, aad, out)], None
             except InvalidTag:
                 raise RemoteProtocolError(f"{who} failed authentication") from None
         if mode != _FORWARDED or not parts:
@@ -350,15 +400,18 @@ class Link:
         except InvalidTag:
             raise RemoteProtocolError(f"{who} failed authentication") from None
         blob = SealedBlob(key, tuple(parts))
-        return [header, blob.open()], blob
+        out = place(header, payload_nbytes(parts)) if place is not None else None
+        return [header, blob.open(out)], blob
 
 
 __all__ = [
     "CHUNK_BYTES",
     "Envelope",
     "Link",
+    "Placer",
     "RoundKey",
     "SealedBlob",
     "frame_nbytes",
+    "payload_nbytes",
     "sealed_extra_bytes",
 ]

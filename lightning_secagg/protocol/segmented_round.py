@@ -203,6 +203,26 @@ class SegmentedRound:
                 return f"segment {k} of {len(self.segments)}: {what}"
         return "nothing"
 
+    def result_slot(self, segment: int, sender: str, nbytes: int) -> np.ndarray | None:
+        """Where ``segment``'s result from ``sender`` may be decrypted: its slice of :attr:`buffer`.
+
+        Only while this peer waits for exactly that (a segment it has shared and
+        holds no result of, from the actor it expects the result from, of the
+        slice's size); None otherwise, and the message is opened into a buffer
+        of its own for :meth:`receive` to refuse with its reason. A result
+        opened into its slice is then accepted without a copy; one that fails
+        authentication leaves bytes there that the right result overwrites.
+        """
+        if type(segment) is not int or not self._first_unplaced <= segment < self._next:
+            return None
+        seg = self.segments[segment]
+        lo, hi = self._spans[segment]
+        if self._placed[segment] or seg.result is not None:
+            return None
+        if seg.result_from is None or sender != seg.result_from or nbytes != hi - lo:
+            return None
+        return self.buffer[lo:hi]
+
     # -- driving it --------------------------------------------------------
 
     def start(self) -> list[Send]:
@@ -263,7 +283,9 @@ class SegmentedRound:
         view = self.buffer[lo:hi]
         result = seg.result
         if result is not None and result.ctypes.data != view.ctypes.data:
-            view[:] = result  # a received result; a root actor decoded into the view
+            # A result received into a buffer of its own; a root actor decodes
+            # into the view, and a result opened into its slot is there already.
+            view[:] = result
         # The segment's own buffer is released; sends already made keep theirs.
         seg.result = view
         self._placed[k] = True

@@ -101,3 +101,29 @@ def test_early_messages_are_bounded_in_number(peer, sender):
     assert len(peer._early) == maxlen
     assert peer._early[0][1].sender == "s5"
     assert peer._early_bytes == sum(size for _, _, size in peer._early)
+
+
+def test_result_payloads_are_opened_into_the_round_result_buffer():
+    """``Peer._result_slot`` (the ``place`` of ``Link.open_message``) reads the
+    authenticated header and offers a result segment's slice of the round's
+    buffer only for a result the round waits for, from the sender the seal names."""
+    from types import SimpleNamespace
+
+    from lightning_secagg import codec
+    from lightning_secagg.messages import Share
+    from tests.unit.test_segmented_round import result_setup
+
+    setup, net, leaf = result_setup()
+    state = setup.peers[leaf]
+    rnd = SimpleNamespace(state=state)
+    m = next(x.message for x in net.pending if x.to == leaf)
+    header = codec.encode(m)[0]
+    n = m.payload.nbytes
+    lo, _ = setup.spans[m.segment]
+    slot = Peer._result_slot(rnd, m.sender, header, n)
+    assert slot is not None and slot.ctypes.data == state.buffer[lo:].ctypes.data
+    # The seal's sender must be the header's; other types, garbage: a buffer of their own.
+    assert Peer._result_slot(rnd, "someone-else", header, n) is None
+    share = Share("r1", 0, 0, m.sender, None, m.payload, m.segment)
+    assert Peer._result_slot(rnd, m.sender, codec.encode(share)[0], n) is None
+    assert Peer._result_slot(rnd, m.sender, b"\xc1garbage", n) is None

@@ -981,3 +981,56 @@ def test_blob_keys_are_fresh_and_nonces_per_part():
         SealedBlob(blob.key, blob.parts[::-1]).open()
     with pytest.raises(ValueError):
         SealedBlob.seal(b"")
+
+
+@pytest.mark.parametrize("chunk", [SMALL_CHUNK, sealing.CHUNK_BYTES], ids=["small", "default"])
+@pytest.mark.parametrize("forwarded", [False, True], ids=["plain", "forwarded"])
+def test_payload_is_opened_where_the_receiver_places_it(chunk, forwarded):
+    """``place`` sees the authenticated header and the payload's size before any
+    payload byte is decrypted, and the payload lands in the buffer it returns."""
+    with chunk_bytes(chunk):
+        trio = Trio()
+        if forwarded:
+            frames = forward(trio.to("R", "F"), SealedBlob.seal(RES))
+        else:
+            frames = trio.to("R", "F").seal(codec.encode(Result(ROUND, "R", RES)))
+        slot = np.full(RES.nbytes + 8, 0xAB, dtype=np.uint8)
+        asked = []
+
+        def place(header, nbytes):
+            asked.append((codec.decode_header(header)["t"], nbytes))
+            return slot[4 : 4 + nbytes]
+
+        opened, _ = trio.from_("F", "R").open_message(Envelope.unpack(frames[0]), frames, place)
+        assert asked == [("result", RES.nbytes)]
+        assert opened[1].ctypes.data == slot[4:].ctypes.data  # no copy
+        assert opened[1].tobytes() == RES.tobytes()
+        assert slot[:4].tolist() == [0xAB] * 4 and slot[-4:].tolist() == [0xAB] * 4
+        # None: a buffer of its own, as without ``place``.
+        opened, _ = trio.from_("F", "R").open_message(
+            Envelope.unpack(frames[0]), frames, lambda header, nbytes: None
+        )
+        assert opened[1].tobytes() == RES.tobytes()
+        assert not np.shares_memory(opened[1], slot)
+
+
+def test_a_place_of_the_wrong_size_is_a_local_error():
+    pair = Pair()
+    frames = pair.a_to_b.seal(codec.encode(Partial(ROUND, "A", U64)))
+    with pytest.raises(ValueError, match="cannot decrypt"):
+        pair.b_from_a.open_message(
+            Envelope.unpack(frames[0]), frames, lambda h, n: np.empty(n - 1, np.uint8)
+        )
+
+
+def test_a_forged_payload_opened_in_place_is_refused():
+    """A payload that fails authentication raises, whatever it left in its place."""
+    pair = Pair()
+    frames = pair.a_to_b.seal(codec.encode(Partial(ROUND, "A", U64)))
+    tampered = bytearray(frames[-1])
+    tampered[0] ^= 1
+    slot = np.zeros(U64.nbytes, dtype=np.uint8)
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        pair.b_from_a.open_message(
+            Envelope.unpack(frames[0]), [*frames[:-1], bytes(tampered)], lambda h, n: slot
+        )

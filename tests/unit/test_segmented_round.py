@@ -506,6 +506,48 @@ def test_result_from_the_wrong_actor_refused():
     refuse(p, dataclasses.replace(m, sender=other), "expected it from")
 
 
+def test_result_slot_offered_only_for_a_result_the_peer_waits_for():
+    """``result_slot`` is the segment's slice of the result buffer exactly while the
+    peer waits for that result from that actor at that size; a result opened
+    into it is placed without a copy, and then no slot is offered for it."""
+    setup, net, leaf = result_setup()
+    p = setup.peers[leaf]
+    mine = sorted((x.message for x in net.pending if x.to == leaf), key=lambda m: m.segment)
+    other = next(pid for pid in setup.ids if pid not in (leaf, mine[0].sender))
+    for m in mine:
+        k, nbytes = m.segment, m.payload.nbytes
+        lo, hi = setup.spans[k]
+        assert p.result_slot(k, other, nbytes) is None  # not the actor we expect it from
+        assert p.result_slot(k, m.sender, nbytes + 1) is None  # not its size
+        assert p.result_slot(k, m.sender, nbytes - 1) is None
+        slot = p.result_slot(k, m.sender, nbytes)
+        assert slot is not None and slot.nbytes == hi - lo == nbytes
+        assert slot.ctypes.data == p.buffer[lo:hi].ctypes.data
+        slot[:] = m.payload  # what opening the sealed payload in place does
+        before = snapshot(p)
+        p.receive(dataclasses.replace(m, payload=slot))
+        assert snapshot(p) != before
+        assert p.segments[k].result.ctypes.data == slot.ctypes.data
+        assert p.result_slot(k, m.sender, nbytes) is None  # held: a copy would be a duplicate
+    for k in (-1, len(mine), True):
+        assert p.result_slot(k, mine[0].sender, mine[0].payload.nbytes) is None
+    assert p.done
+    net.pending = [x for x in net.pending if x.to != leaf]  # delivered by hand above
+    run_checked(net, setup)
+    assert_exact(setup)
+
+
+def test_no_result_slot_before_the_segment_is_shared():
+    setup = make_segmented(6, window=1, seed=8)
+    net = started_net(setup)
+    p = next(p for p in setup.peers.values() if p.segments[0].result_from)
+    sender = p.segments[0].result_from
+    nbytes = setup.spans[1][1] - setup.spans[1][0]
+    assert p.shared == 1 and p.result_slot(1, sender, nbytes) is None
+    assert p.result_slot(0, sender, setup.spans[0][1] - setup.spans[0][0]) is not None
+    assert net.pending  # (the round goes on)
+
+
 def test_scheduler_messages_refused():
     setup = make_segmented(6, window=2, seed=9)
     started_net(setup)
