@@ -7,14 +7,23 @@ For each N, the script runs N processes of each kind on this machine:
 * ``secagg``: a scheduler and N ``Peer`` processes averaging the same state
   dict through lightning_secagg (CurveZMQ on, the defaults).
 
+gloo runs twice, before and after secagg, and its rounds are pooled (a
+20-round gloo run lasts half a second: its median moved by a quarter between
+runs at N = 6).
+
 Round time, for both, is measured the same way: from the moment the *last*
 process enters the call to the moment the last one leaves it (wall clock,
 ``time.time()``, shared by all processes of one machine). Every process also
-reports its bytes (secagg only: per role), its CPU time per round (every
-thread of the process, libzmq's I/O threads included; the table sums it over
-the peers: on a machine with fewer cores than processes, CPU is what bounds the
-round) and its peak extra memory: its peak resident set size minus its
-resident set size at rest after the warm-up rounds.
+reports its CPU time per round (every thread of the process, libzmq's I/O
+threads included; the table sums it over the peers, for gloo too: on a machine
+with fewer cores than processes, CPU is what bounds the round; a second table
+splits secagg's between the peers' own threads, libzmq's and the kernel) and,
+secagg only, its bytes per role and its peak extra memory: the highest
+resident set size it reaches in any round minus its resident set size at rest
+after the warm-up rounds. A peer's roles change from round to round with the
+tree, and the allocator keeps some of what a heavy round used, so that peak
+is the process's, not a role's; the JSON also has each round's peak and its
+growth within the round, by role.
 
 Usage::
 
@@ -28,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -91,13 +101,13 @@ def gloo_worker(args: argparse.Namespace) -> None:
     records = []
     for r in range(args.warmup + args.rounds):
         dist.barrier()
-        start = time.time()
+        start, cpu0 = time.time(), time.process_time()
         buf = flat.clone()
         dist.all_reduce(buf)
         buf /= args.world
-        end = time.time()
+        end, cpu = time.time(), time.process_time() - cpu0
         if r >= args.warmup:
-            records.append({"start": start, "end": end})
+            records.append({"start": start, "end": end, "cpu": cpu})
     dist.destroy_process_group()
     Path(args.out).write_text(json.dumps({"records": records, "nbytes": flat.numel() * 4}))
 
@@ -128,13 +138,19 @@ def secagg_worker(args: argparse.Namespace) -> None:
     ) as peer:
         rest = 0
         for r in range(args.warmup + args.rounds):
-            if r == args.warmup:
-                rest = reset_peak_rss()  # resting footprint, pools warmed up
-                if PROFILE:
-                    PROFILE.enable()
-            start, cpu0 = time.time(), time.process_time()
+            if r >= args.warmup:
+                # The peak mark restarts every round, so that the JSON has each round's
+                # peak along with that round's roles (a peer's roles change per round).
+                at_start = reset_peak_rss()
+                if r == args.warmup:
+                    rest = at_start  # resting footprint, pools warmed up
+                    if PROFILE:
+                        PROFILE.enable()
+            start, cpu0, t0 = time.time(), time.process_time(), os.times()
+            main0, faults0 = time.thread_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             peer.aggregate(state, timeout=600)
             end, cpu = time.time(), time.process_time() - cpu0
+            main, t1 = time.thread_time() - main0, os.times()
             if r >= args.warmup:
                 s = peer.last_stats
                 records.append(
@@ -142,16 +158,25 @@ def secagg_worker(args: argparse.Namespace) -> None:
                         "start": start,
                         "end": end,
                         "cpu": cpu,
+                        "main": main,  # this (the peer's) thread; the rest is libzmq's
+                        "system": t1.system - t0.system,  # in the kernel (loopback copies)
+                        # Pages touched for the first time (fresh buffers): each is a
+                        # trap and a zeroed page, about 0.4 ms per MiB.
+                        "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0,
                         "sent": s.bytes_sent,
                         "received": s.bytes_received,
                         "roles": list(s.roles),
+                        # Above the resting footprint; and above this round's start
+                        # (memory the allocator kept from earlier rounds is in the
+                        # first, not in the second).
+                        "peak": peak_rss() - rest,
+                        "growth": peak_rss() - at_start,
                     }
                 )
-        peak = peak_rss() - rest
     if PROFILE:
         PROFILE.disable()
         PROFILE.dump_stats(f"{os.environ['BENCH_PROFILE']}/p{args.rank}.prof")
-    Path(args.out).write_text(json.dumps({"records": records, "peak_extra": peak}))
+    Path(args.out).write_text(json.dumps({"records": records}))
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -189,18 +214,17 @@ def round_times(per_proc: list[dict]) -> list[float]:
     return times
 
 
-def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
-    me = [sys.executable, str(Path(__file__).resolve())]
-    common = ["--model", args.model, "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
-    # gloo baseline
+def run_gloo(n: int, args: argparse.Namespace, tmp: Path, tag: str) -> list[dict]:
+    """One run of the gloo baseline: every process's records."""
     port = free_port()
-    outs = [tmp / f"gloo-{n}-{i}.json" for i in range(n)]
+    outs = [tmp / f"gloo-{n}-{tag}-{i}.json" for i in range(n)]
     run_procs(
         [
             [
-                *me,
+                sys.executable,
+                str(Path(__file__).resolve()),
                 "_gloo",
-                *common,
+                *common_args(args),
                 "--rank",
                 str(i),
                 "--world",
@@ -214,7 +238,20 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
         ],
         timeout=1800,
     )
-    gloo = [json.loads(o.read_text()) for o in outs]
+    return [json.loads(o.read_text()) for o in outs]
+
+
+def common_args(args: argparse.Namespace) -> list[str]:
+    return ["--model", args.model, "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
+
+
+def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
+    me = [sys.executable, str(Path(__file__).resolve())]
+    common = common_args(args)
+    # The gloo baseline runs before and after the secure rounds, and its rounds are
+    # pooled: a short gloo round is the more sensitive to whatever else the machine
+    # does, and the two runs bracket the secure one in time.
+    gloo_runs = [run_gloo(n, args, tmp, "before")]
     # secure aggregation
     from lightning_secagg import Scheduler
 
@@ -247,8 +284,10 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
             timeout=3600,
         )
     sec = [json.loads(o.read_text()) for o in outs]
-    g, s = round_times(gloo), round_times(sec)
-    model_bytes = gloo[0]["nbytes"]
+    gloo_runs.append(run_gloo(n, args, tmp, "after"))
+    g = [t for run in gloo_runs for t in round_times(run)]
+    s = round_times(sec)
+    model_bytes = gloo_runs[0][0]["nbytes"]
 
     def role_of(rec: dict) -> str:
         roles = rec["roles"]
@@ -258,10 +297,23 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
 
     by_role: dict[str, list[int]] = {}
     cpu_by_role: dict[str, list[float]] = {}
+    peak_by_role: dict[str, list[int]] = {}
+    growth_by_role: dict[str, list[int]] = {}
     for p in sec:
         for rec in p["records"]:
             by_role.setdefault(role_of(rec), []).append(rec["sent"] + rec["received"])
             cpu_by_role.setdefault(role_of(rec), []).append(rec["cpu"])
+            peak_by_role.setdefault(role_of(rec), []).append(rec["peak"])
+            growth_by_role.setdefault(role_of(rec), []).append(rec["growth"])
+
+    def total_cpu(runs: list[list[dict]], key: str) -> float:
+        """The median over rounds of what all processes spent in that round."""
+        return statistics.median(
+            sum(p["records"][r][key] for p in procs)
+            for procs in runs
+            for r in range(len(procs[0]["records"]))
+        )
+
     return {
         "n": n,
         "model": args.model,
@@ -270,10 +322,15 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
         "secagg": s,
         "bytes": {k: max(v) for k, v in by_role.items()},
         "cpu": {k: statistics.median(v) for k, v in cpu_by_role.items()},
-        "cpu_total": statistics.median(
-            sum(p["records"][r]["cpu"] for p in sec) for r in range(len(s))
-        ),
-        "peak_extra": max(p["peak_extra"] for p in sec),
+        "cpu_total": total_cpu([sec], "cpu"),
+        "cpu_main": total_cpu([sec], "main"),
+        "cpu_system": total_cpu([sec], "system"),
+        "faults": total_cpu([sec], "faults"),
+        "gloo_cpu_total": total_cpu(gloo_runs, "cpu"),
+        "peak_extra": max(max(v) for v in peak_by_role.values()),
+        # Every round of every peer, by role, for the JSON.
+        "peak_extra_by_role": peak_by_role,
+        "growth_by_role": growth_by_role,
     }
 
 
@@ -287,7 +344,15 @@ def fmt_row(res: dict) -> str:
         f"| {sm * 1e3:.0f} / {min(s) * 1e3:.0f} / {max(s) * 1e3:.0f} "
         f"| {gm * 1e3:.0f} / {min(g) * 1e3:.0f} / {max(g) * 1e3:.0f} "
         f"| {sm / gm:.1f}x | {roles} | {res['peak_extra'] / mb:.2f}x "
-        f"| {res['cpu_total'] * 1e3:.0f} |"
+        f"| {res['cpu_total'] * 1e3:.0f} / {res['gloo_cpu_total'] * 1e3:.0f} |"
+    )
+
+
+def fmt_cpu_row(res: dict) -> str:
+    total, main, system = res["cpu_total"], res["cpu_main"], res["cpu_system"]
+    return (
+        f"| {res['n']} | {res['model']} | {total * 1e3:.0f} | {main * 1e3:.0f} "
+        f"| {(total - main) * 1e3:.0f} | {system * 1e3:.0f} | {res['faults'] / 1e3:.1f} |"
     )
 
 
@@ -335,11 +400,19 @@ def main() -> None:
     print(
         "| N | model | secagg ms median / min / max | gloo ms median / min / max "
         "| ratio | bytes per peer per round (sent + received) / model, by role "
-        "| peak extra memory / model | secagg CPU ms per round, all peers |"
+        "| peak extra memory / model | CPU ms per round, all peers: secagg / gloo |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for res in results:
         print(fmt_row(res))
+    print()
+    print(
+        "| N | model | secagg CPU ms per round, all peers | peers' own threads "
+        "| libzmq's I/O threads | of all: in the kernel | page faults per round, thousands |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for res in results:
+        print(fmt_cpu_row(res))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
