@@ -89,6 +89,8 @@ def decode(
     frames: Sequence[Frame],
     max_header_bytes: int = MAX_HEADER_BYTES,
     allowed: tuple[type[Message], ...] | None = None,
+    *,
+    header: dict[str, Any] | None = None,
 ) -> Message:
     """Validate a whole multipart message and build it.
 
@@ -97,13 +99,16 @@ def decode(
         max_header_bytes: Limit for frame 0.
         allowed: Message classes acceptable on this socket; others are refused
             before their fields are even read.
+        header: Frame 0 as :func:`decode_header` returned it, when the caller
+            already unpacked it (it is not unpacked twice).
 
     Raises:
         RemoteProtocolError: anything malformed, with a short reason for the log.
     """
     if not frames:
         raise RemoteProtocolError("empty message")
-    header = decode_header(frames[0], max_header_bytes)
+    if header is None:
+        header = decode_header(frames[0], max_header_bytes)
     cls = MESSAGE_TYPES[header["t"]]
     if allowed is not None and cls not in allowed:
         raise RemoteProtocolError(f"message type {cls.TYPE!r} is not accepted here")

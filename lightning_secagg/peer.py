@@ -330,6 +330,8 @@ class Peer:
         self._early_bytes = 0
         self._early_budget = EARLY_BYTES_MARGIN
         self._finished_rounds: deque[str] = deque(maxlen=64)
+        #: The last model whose frames were found to fit the inbox (see _check_inbox_limit).
+        self._inbox_fits: Schema | None = None
         self.endpoint: str | None = None
         self.last_stats: RoundStats | None = None
         self._bytes_sent = 0
@@ -606,6 +608,9 @@ class Peer:
     def _check_inbox_limit(self, schema: Schema) -> None:
         # The inbox's limit is fixed at bind time (see start()); a model whose shares
         # would be cut by it is refused here, before sign-up, rather than timing out.
+        # Once per model: a training run averages the same one every epoch.
+        if schema == self._inbox_fits:
+            return
         need = required_message_bytes(schema, sealed=not self.insecure)
         if need > self.max_message_bytes:
             raise ConfigurationError(
@@ -613,6 +618,7 @@ class Peer:
                 f"max_message_bytes={self.max_message_bytes}; pass a larger max_message_bytes "
                 "to Peer"
             )
+        self._inbox_fits = schema
 
     def _accept_assignment(
         self,
@@ -894,13 +900,21 @@ class Peer:
                 item.round_id,
             )
             return None
+        header: dict[str, Any] | None = None
+
+        def place(frame: Any, nbytes: int) -> np.ndarray | None:
+            # Where the payload goes, asked before it is decrypted; the header is
+            # unpacked here once, and codec.decode takes it as it is.
+            nonlocal header
+            try:
+                header = codec.decode_header(frame, codec.MAX_PEER_HEADER_BYTES)
+            except RemoteProtocolError:
+                return None  # codec.decode says what is wrong with it
+            return self._result_slot(rnd, item.sender, header, nbytes)
+
         try:
-            frames, blob = pair[1].open_message(
-                item.envelope,
-                item.frames,
-                lambda header, nbytes: self._result_slot(rnd, item.sender, header, nbytes),
-            )
-            msg = codec.decode(frames, codec.MAX_PEER_HEADER_BYTES, PEER_TO_PEER)
+            frames, blob = pair[1].open_message(item.envelope, item.frames, place)
+            msg = codec.decode(frames, codec.MAX_PEER_HEADER_BYTES, PEER_TO_PEER, header=header)
         except RemoteProtocolError as exc:
             log.warning("peer %s dropped a sealed message: %s", self.peer_id, exc)
             return None
@@ -920,17 +934,15 @@ class Peer:
         return msg, blob
 
     @staticmethod
-    def _result_slot(rnd: _Round, sender: str, header: Any, nbytes: int) -> np.ndarray | None:
+    def _result_slot(
+        rnd: _Round, sender: str, header: dict[str, Any], nbytes: int
+    ) -> np.ndarray | None:
         """Where a sealed payload may be decrypted: a result segment's slice of the
-        round's result buffer, if the header names one the round waits for
-        (:meth:`SegmentedRound.result_slot`); None (a buffer of its own) otherwise."""
-        try:
-            fields = codec.decode_header(header, codec.MAX_PEER_HEADER_BYTES)
-        except RemoteProtocolError:
-            return None  # codec.decode says what is wrong with it
-        if fields["t"] != Result.TYPE or fields.get("sender") != sender:
+        round's result buffer, if the (unpacked) header names one the round waits
+        for (:meth:`SegmentedRound.result_slot`); None (a buffer of its own) otherwise."""
+        if header["t"] != Result.TYPE or header.get("sender") != sender:
             return None
-        return rnd.state.result_slot(fields.get("segment"), sender, nbytes)  # type: ignore[arg-type]
+        return rnd.state.result_slot(header.get("segment"), sender, nbytes)  # type: ignore[arg-type]
 
     def _feed_message(self, rnd: _Round, msg: Message, blob: SealedBlob | None = None) -> None:
         """Hand an accepted message to the round and send what it answers."""

@@ -539,3 +539,15 @@ def test_plausible_but_random_headers_only_raise_remote_protocol_error(frames):
         return
     # Whatever passes validation re-encodes to an equivalent message.
     assert decode(frames_of(message)) == message
+
+
+def test_a_header_unpacked_already_is_taken_as_it_is():
+    """``decode(..., header=)`` builds the same message from the caller's unpacked header,
+    and the header is not unpacked again (frame 0 may then be anything)."""
+    msg = Result("r1", "p1", np.arange(8, dtype=np.uint8), 3)
+    frames = encode(msg)
+    header = decode_header(frames[0])
+    got = decode([b"not msgpack", frames[1]], header=header)
+    assert got == msg and got.payload.tobytes() == msg.payload.tobytes()
+    with pytest.raises(RemoteProtocolError, match="not accepted here"):
+        decode(frames, allowed=(Share,), header=header)

@@ -117,13 +117,40 @@ def test_result_payloads_are_opened_into_the_round_result_buffer():
     state = setup.peers[leaf]
     rnd = SimpleNamespace(state=state)
     m = next(x.message for x in net.pending if x.to == leaf)
-    header = codec.encode(m)[0]
+    header = codec.decode_header(codec.encode(m)[0])
     n = m.payload.nbytes
     lo, _ = setup.spans[m.segment]
     slot = Peer._result_slot(rnd, m.sender, header, n)
     assert slot is not None and slot.ctypes.data == state.buffer[lo:].ctypes.data
-    # The seal's sender must be the header's; other types, garbage: a buffer of their own.
+    # The seal's sender must be the header's; other types get a buffer of their own.
     assert Peer._result_slot(rnd, "someone-else", header, n) is None
     share = Share("r1", 0, 0, m.sender, None, m.payload, m.segment)
-    assert Peer._result_slot(rnd, m.sender, codec.encode(share)[0], n) is None
-    assert Peer._result_slot(rnd, m.sender, b"\xc1garbage", n) is None
+    assert Peer._result_slot(rnd, m.sender, codec.decode_header(codec.encode(share)[0]), n) is None
+    assert Peer._result_slot(rnd, m.sender, {**header, "segment": "0"}, n) is None
+
+
+def test_inbox_limit_checked_once_per_model_and_a_refusal_every_time(peer, monkeypatch):
+    import torch
+
+    from lightning_secagg import peer as peer_module
+    from lightning_secagg.encoding import Schema
+    from lightning_secagg.errors import ConfigurationError
+
+    calls = []
+    real = peer_module.required_message_bytes
+
+    def counting(schema, **kw):
+        calls.append(schema)
+        return real(schema, **kw)
+
+    monkeypatch.setattr(peer_module, "required_message_bytes", counting)
+    small = Schema.of({"w": torch.zeros(10)})
+    peer._check_inbox_limit(small)
+    peer._check_inbox_limit(Schema.of({"w": torch.ones(10)}))  # the same layout
+    assert calls == [small]
+    big = Schema.of({"w": torch.zeros(10), "v": torch.zeros(3)})
+    peer.max_message_bytes = real(small) + 4
+    for _ in range(2):  # a model that does not fit is refused every time
+        with pytest.raises(ConfigurationError, match="max_message_bytes"):
+            peer._check_inbox_limit(big)
+    assert calls == [small, big, big]
