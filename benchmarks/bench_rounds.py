@@ -8,8 +8,8 @@ For each N, the script runs N processes of each kind on this machine:
   dict through lightning_secagg (CurveZMQ on, the defaults).
 
 gloo runs twice, before and after secagg, and its rounds are pooled (a
-20-round gloo run lasts half a second: its median moved by a quarter between
-runs at N = 6).
+20-round gloo run lasts half a second: its median at N = 6 moved between 14
+and 26 ms from run to run).
 
 Round time, for both, is measured the same way: from the moment the *last*
 process enters the call to the moment the last one leaves it (wall clock,
@@ -161,7 +161,7 @@ def secagg_worker(args: argparse.Namespace) -> None:
                         "main": main,  # this (the peer's) thread; the rest is libzmq's
                         "system": t1.system - t0.system,  # in the kernel (loopback copies)
                         # Pages touched for the first time (fresh buffers): each is a
-                        # trap and a zeroed page, about 0.4 ms per MiB.
+                        # trap into the kernel and a page to zero.
                         "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0,
                         "sent": s.bytes_sent,
                         "received": s.bytes_received,
