@@ -217,11 +217,10 @@ class SegmentedRound:
             return None
         seg = self.segments[segment]
         lo, hi = self._spans[segment]
-        if self._placed[segment] or seg.result is not None:
+        # A placed segment holds its result too, so ``result`` says both.
+        if seg.result is not None or seg.result_from is None or sender != seg.result_from:
             return None
-        if seg.result_from is None or sender != seg.result_from or nbytes != hi - lo:
-            return None
-        return self.buffer[lo:hi]
+        return self.buffer[lo:hi] if nbytes == hi - lo else None
 
     # -- driving it --------------------------------------------------------
 
