@@ -74,10 +74,12 @@ def test_extra_peers_wait_for_the_next_round():
         results = run_peers(
             sched, [lambda p, i=i: p.aggregate(model(i), timeout=30) for i in range(6)]
         )
+        # A peer has its average before the scheduler has read its report of the round:
+        # wait (bounded) for the scheduler to count both rounds before it stops.
+        wait_until(lambda: sched.state.completed_rounds == 2, 10)
     assert all(isinstance(r, dict) for r in results), results
     means = sorted(float(r["w"][0]) for r in results)
     # Two rounds of three: each round's mean is the mean of its own members.
-    assert sched.state.completed_rounds == 2
     assert sum(means) == pytest.approx(sum(range(6)))
 
 
