@@ -7,10 +7,11 @@ the participants of level ``L + 1``; the first level that is a single group is
 the root, whose actors exchange their partial sums.
 
 Why actors are drawn from inside their group (the design leaves this open):
-an actor that is also a participant keeps its own share locally, saving one
-message per actor, and "each peer acts for at most one group per level" then
-holds by construction. Why a short remainder joins the last group: a group of
-fewer than ``max(3, num_actors + 1)`` members could not pick ``num_actors``
+an actor that is also a participant sends itself nothing, and "each peer acts
+for at most one group per level" then holds by construction. Below the root
+group an actor does not even split its vector
+(:meth:`AggregationTree.splits_in`). Why a short remainder joins the last
+group: a group of fewer than ``max(3, num_actors + 1)`` members could not pick ``num_actors``
 actors and still keep every participant's input split among two or more
 parties.
 """
@@ -79,21 +80,43 @@ class AggregationTree:
         """Every group (any level) for which ``peer_id`` is an actor, bottom-up."""
         return [g for level in self.levels for g in level if peer_id in g.actors]
 
+    def splits_in(self, group: Group, peer_id: str) -> bool:
+        """Whether participant ``peer_id`` of ``group`` splits its vector into shares there.
+
+        Everyone does, except an actor of a group below the root: its vector
+        would only go into its own sum for that group, and that sum is shared
+        in turn at the next level up, where the actor participates again. So
+        it keeps the vector whole, which saves a seed and both ends' keystream
+        of it (two keystreams per actor, level and segment: three fifths of
+        a 30-peer round's). Its privacy then rests on the next level's shares
+        and on the masks that the group's non-actors (every group has one)
+        add to the same sum: see ``docs/threat-model.md``. In the root group
+        the actors still split: they send each other their sums, so no sum
+        may be an actor's own value in the clear.
+        """
+        return peer_id not in group.actors or group.level == self.depth - 1
+
+    def senders_to(self, group: Group, actor: str) -> frozenset[str]:
+        """Who contributes to ``actor``'s sum for ``group``: itself, and every
+        participant that splits there (:meth:`splits_in`)."""
+        return frozenset(p for p in group.participants if p == actor or self.splits_in(group, p))
+
     def neighbours(self, peer_id: str) -> frozenset[str]:
         """Every member ``peer_id`` exchanges messages with in a round.
 
-        The actors of each group it participates in (its shares up, the result
-        down; at the root, the other root actors' partial sums) and the
-        participants of each group it acts for. A peer needs sealed links with
-        these only: at N = 30, 2-10 key agreements per round instead of 29.
+        The actors of each group it splits its vector in (its shares up, the
+        result down; at the root, the other root actors' partial sums) and the
+        participants of each group it acts for that split there or get the
+        result from it. A peer needs sealed links with these only: at N = 30,
+        2-10 key agreements per round instead of 29.
         """
         out: set[str] = set()
         for level in self.levels:
             for g in level:
-                if peer_id in g.participants:
+                if peer_id in g.participants and self.splits_in(g, peer_id):
                     out.update(g.actors)
                 if peer_id in g.actors:
-                    out.update(g.participants)
+                    out.update(p for p in g.participants if self.splits_in(g, p))
         out.discard(peer_id)
         return frozenset(out)
 

@@ -8,13 +8,16 @@ simulations of the tests.
 The round, from one peer's view:
 
 1. Level 0: split the encoded vector into ``num_actors`` additive shares and
-   send one to each actor of my group (keeping the dense share if I am one of
-   them; the others get 32-byte seeds). The seeds are drawn once per level for
-   the whole round (:class:`LevelSeeds`): in a round cut into segments, every
-   segment is masked with the same seeds (the segment's own keystream of
-   each), and a seed travels once. Which actor gets a non-actor's dense share
-   rotates with the segment (:func:`dense_actor`), so every actor gets an even
-   part of the dense shares.
+   send one to each actor of my group (the others get 32-byte seeds) -- unless
+   I am one of those actors and the group is not the root group: then the
+   vector goes whole into my own sum for the group
+   (:meth:`~lightning_secagg.tree.AggregationTree.splits_in`); in the root
+   group an actor keeps its dense share and sends the others seeds. The
+   seeds are drawn once per level for the whole round (:class:`LevelSeeds`):
+   in a round cut into segments, every segment is masked with the same seeds
+   (the segment's own keystream of each), and a seed travels once. Which
+   actor gets a non-actor's dense share rotates with the segment
+   (:func:`dense_actor`), so every actor gets an even part of the dense shares.
 2. For every group I act for, wait for exactly one share from each of its
    participants; their sum is my vector for the next level, where I
    participate again (step 1 at that level).
@@ -84,12 +87,12 @@ class LevelSeeds:
 
     Attributes:
         segments: Segments in the round (1 for a lone :class:`PeerRound`).
-        drawn: As a participant, per level: a seed for every actor of its group
-            that needs one (drawn with the first segment shared at that level,
-            sent with it): every actor but itself, and in a round of one
-            segment, but the one that gets its dense share. A segment is masked
-            with the seeds of every actor but the one that gets its dense share
-            (:func:`dense_actor`).
+        drawn: As a participant, per level it splits at: a seed for every
+            actor of its group that needs one (drawn with the first segment
+            shared at that level, sent with it): every actor but itself, and in
+            a round of one segment, but the one that gets its dense share. A
+            segment is masked with the seeds of every actor but the one that
+            gets its dense share (:func:`dense_actor`).
         received: As an actor, per ``(level, group)``: the seed of each
             participant that sent one. Each segment's sum takes in those of the
             participants whose dense share of that segment goes elsewhere, when
@@ -194,7 +197,7 @@ class PeerRound:
         self.acted = tree.acted_groups(me)
         self._accs: dict[tuple[int, int], _Accumulator] = {
             (g.level, g.index): _Accumulator(
-                f"shares for level {g.level} group {g.index}", frozenset(g.participants)
+                f"shares for level {g.level} group {g.index}", tree.senders_to(g, me)
             )
             for g in self.acted
         }
@@ -387,6 +390,11 @@ class PeerRound:
         group = self.tree.group_of(self.me, level)
         if group is None:  # pragma: no cover - guarded by the tree's invariants
             raise LocalProtocolError(f"{self.me} does not participate at level {level}")
+        key = (level, group.index)
+        if not self.tree.splits_in(group, self.me):
+            # An actor below the root group keeps its vector whole: it goes into
+            # its own sum for the group, nobody else's (AggregationTree.splits_in).
+            return self._contribute(self._accs[key], key, self.me, vector, None, owned=True)
         seeds = self._seeds.drawn.get(level)
         first = seeds is None
         if seeds is None:
@@ -411,7 +419,6 @@ class PeerRound:
             share = Share(self.round_id, level, group.index, self.me, None, vector, self.segment)
             return [*out, Send(dense_to, share)]
         # Our own dense share is sent to nobody else: the sum may take it over.
-        key = (level, group.index)
         return out + self._contribute(self._accs[key], key, self.me, vector, None, owned=True)
 
     def _contribute(

@@ -4,8 +4,11 @@
 that has that role and wins the ``--marker`` file (``O_EXCL``) stops itself
 
 * ``leaf`` (never an actor): on its assignment, before any share leaves;
-* ``actor`` (an actor, not at the root): right after the first share of its
-  level-0 group reached it, while it holds shares and waits for more;
+* ``actor`` (an actor, not at the root): when the first share of its level-0
+  group reaches it, before it is summed: it holds its own vector and that
+  share and has sent nothing up (below the root group an actor gets a share
+  from each non-actor only: one, in a group of three, so it may have no
+  "more" to wait for);
 * ``root`` (a root actor): right after the first share of the root group
   reached it.
 
@@ -79,14 +82,9 @@ class FaultyPeer(Peer):
             # the order in which its two levels' shares arrived (once its own
             # level-0 group completed late, the root level could complete at once).
             self._die(rnd)
+        if mine and self.die_role == "actor" and msg.level == 0:
+            self._die(rnd)  # holding its own vector and this share, nothing sent up
         super()._feed_message(rnd, msg, blob)
-        if (
-            mine
-            and self.die_role == "actor"
-            and msg.level == 0
-            and rnd.state.segments[msg.segment].pending_phase() == 0
-        ):
-            self._die(rnd)  # it holds shares of level 0 and waits for the rest
 
 
 def main() -> int:

@@ -944,8 +944,15 @@ def test_registered_non_member_cannot_deliver_shares(cluster, monkeypatch):
     sealed_before = cluster.counts(SEALED)
     member_before = cluster.counts(NOT_MEMBER)
     itself_before = cluster.counts(ITSELF)
+    no_link_before = cluster.counts(NOT_NEIGHBOUR)
     dropped_before = cluster.dropped(DROPPED)
-    sent: dict[str, Any] = {"sealed": {}, "not_member": {}, "itself": {}, "late": False}
+    sent: dict[str, Any] = {
+        "sealed": {},
+        "not_member": {},
+        "itself": {},
+        "no_link": {},
+        "late": False,
+    }
     stall = 6.0  # ample time to forge on a loaded machine
 
     def forge(info: dict) -> None:
@@ -957,6 +964,11 @@ def test_registered_non_member_cannot_deliver_shares(cluster, monkeypatch):
         sealed = {w.index: 0 for w in targets.values()}
         not_member = {w.index: 0 for w in targets.values()}
         itself = {w.index: 0 for w in targets.values()}
+        # A member holds links with its tree neighbours only: a forgery in the name of
+        # a member it exchanges nothing with (e.g. its own group's other actor, below
+        # the root group) finds no link and is dropped as such, unopened.
+        tree = AggregationTree.from_wire(info["tree"], info["group_size"], info["num_actors"])
+        no_link = {w.index: 0 for w in targets.values()}
         attacker = Attacker()
         try:
             socks = {pid: attacker.plain(w.direct) for pid, w in targets.items()}
@@ -969,7 +981,10 @@ def test_registered_non_member_cannot_deliver_shares(cluster, monkeypatch):
                         link = sealer(key, rid, claimed, target, keys[target])
                         links[(n, claimed, target)] = link
                     socks[target].send_multipart(link.seal(encode(msg)))
-                    sealed[targets[target].index] += 1
+                    if claimed in tree.neighbours(target):
+                        sealed[targets[target].index] += 1
+                    else:
+                        no_link[targets[target].index] += 1
                 for target, sock in socks.items():
                     # In its own name: sealed properly, but the name is no member's.
                     link = sealer(key, rid, name, target, keys[target])
@@ -983,9 +998,10 @@ def test_registered_non_member_cannot_deliver_shares(cluster, monkeypatch):
             cluster.wait_for_counts(SEALED, plus(sealed_before, sealed), timeout=stall - 1.0)
             cluster.wait_for_counts(NOT_MEMBER, plus(member_before, not_member), timeout=3.0)
             cluster.wait_for_counts(ITSELF, plus(itself_before, itself), timeout=3.0)
+            cluster.wait_for_counts(NOT_NEIGHBOUR, plus(no_link_before, no_link), timeout=3.0)
         finally:
             attacker.close()
-        sent.update(sealed=sealed, not_member=not_member, itself=itself)
+        sent.update(sealed=sealed, not_member=not_member, itself=itself, no_link=no_link)
         sent["late"] = time.monotonic() - started > stall - 0.5
 
     cluster.check(cluster.round(stall=stall, on_assigned=forge))
@@ -994,8 +1010,9 @@ def test_registered_non_member_cannot_deliver_shares(cluster, monkeypatch):
     assert cluster.counts(SEALED) == plus(sealed_before, sent["sealed"])
     assert cluster.counts(NOT_MEMBER) == plus(member_before, sent["not_member"])
     assert cluster.counts(ITSELF) == plus(itself_before, sent["itself"])
+    assert cluster.counts(NOT_NEIGHBOUR) == plus(no_link_before, sent["no_link"])
     # Nothing else was dropped: each forgery logged exactly one line.
-    total = sum(sum(sent[k].values()) for k in ("sealed", "not_member", "itself"))
+    total = sum(sum(sent[k].values()) for k in ("sealed", "not_member", "itself", "no_link"))
     assert cluster.dropped(DROPPED) - dropped_before == total
 
 
@@ -1021,12 +1038,15 @@ def test_replayed_sealed_messages_are_dropped(cluster):
         held = holder.peer_id
         # Every level-0 actor but the holder gets one share from each other participant
         # of its group that is not held back, at once: known before anything is replayed.
+        # (Below the root group, only from its non-actors: an actor does not split there.)
+        tree = AggregationTree.from_wire(info["tree"], info["group_size"], info["num_actors"])
         due: dict[str, int] = {}
-        for participants, actors in info["tree"][0]:
-            for a in actors:
+        for group in tree.levels[0]:
+            for a in group.actors:
                 if a != held:
-                    due[a] = sum(p not in (a, held) for p in participants)
-        assert due and all(due.values()), due
+                    due[a] = sum(p not in (a, held) for p in tree.senders_to(group, a))
+        due = {a: n for a, n in due.items() if n}
+        assert due, info["tree"]
         receivers = {pid: cluster.worker(pid) for pid in due}
         wait_until(
             lambda: all(len(w.recorded(rid)) >= due[p] for p, w in receivers.items()),
@@ -1040,7 +1060,6 @@ def test_replayed_sealed_messages_are_dropped(cluster):
         sealed = {w.index: 0 for w in cluster.workers}
         # A member holds links with its tree neighbours only: a replay from anyone
         # else finds no link (and says so) instead of failing authentication.
-        tree = AggregationTree.from_wire(info["tree"], info["group_size"], info["num_actors"])
         no_link = {w.index: 0 for w in cluster.workers}
         attacker = Attacker()
         try:

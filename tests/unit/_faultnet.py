@@ -389,10 +389,12 @@ class FaultSim:
         ):
             assert self.fault is not None
             if self.fault.kind == "crash":
-                # e.g. an actor dies right after a share reached it: it held shares.
+                # e.g. an actor dies while it handles a share: it held shares, and
+                # nothing that share would have set off leaves (a level-0 actor's
+                # sum may be complete with its first share).
                 self.fault_used = True
-                peer.on_message(self.now, ev.src, ev.msg)
                 peer.crashed = True
+                peer.on_message(self.now, ev.src, ev.msg)
                 return
         peer.on_message(self.now, ev.src, ev.msg)
 

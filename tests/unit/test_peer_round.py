@@ -128,12 +128,19 @@ def test_start_sends_shares_to_the_other_actors_only():
     assert sorted(m.seed is None for m in shares) == [False, True]
     dense = next(s for s in out_c if s.message.seed is None)
     assert dense.to == "a" and dense.message.payload.size == 4
-    # An actor keeps its own (dense) share and sends a seed to the other actor.
-    out_a = peers["a"].start()
-    assert [(s.to, s.message.seed is not None, s.message.payload is None) for s in out_a] == [
-        ("b", True, True)
-    ]
-    assert "shares for level 0 group 0 from b, c" in peers["a"].waiting_for()
+    # Below the root group an actor does not split: its vector goes whole into its
+    # own sum, and the other actor expects nothing from it.
+    assert peers["a"].start() == []
+    assert peers["a"].waiting_for().startswith("shares for level 0 group 0 from c;")
+    assert peers["b"].start() == []
+    assert peers["b"].waiting_for().startswith("shares for level 0 group 0 from c;")
+
+
+def test_actors_split_in_the_root_group():
+    _, sends = a_given_cs_share()
+    # a's level-0 sum is complete: in the root group it splits like everyone,
+    # keeping its dense share and sending d (the other root actor) a seed.
+    assert [(s.to, s.message.level, s.message.seed is not None) for s in sends] == [("d", 1, True)]
 
 
 def test_start_twice_raises_local_protocol_error():
@@ -155,16 +162,24 @@ def test_constructor_refuses_bad_input():
 # -- every misuse -------------------------------------------------------------------
 
 
-@pytest.fixture
-def actor_a() -> PeerRound:
-    """``a`` started, holding its own share and ``c``'s share (waits for ``b``)."""
+def a_given_cs_share() -> tuple[PeerRound, list[Send]]:
+    """``a`` started and given ``c``'s share; what ``a`` sent in consequence."""
     peers = {p: identity_round(p) for p in "abc"}
     a = peers["a"]
-    a.start()
+    assert a.start() == []
+    sent: list[Send] = []
     for s in peers["c"].start():
         if s.to == "a":
-            a.receive(s.message)
-    assert "from b" in a.waiting_for()
+            sent += a.receive(s.message)
+    return a, sent
+
+
+@pytest.fixture
+def actor_a() -> PeerRound:
+    """``a`` started and holding ``c``'s share: its level-0 sum is complete (``b``,
+    the other actor, sends it nothing), so it now waits at the root."""
+    a, _ = a_given_cs_share()
+    assert not a.waiting_for().startswith("shares for level 0")
     return a
 
 
@@ -184,6 +199,9 @@ def test_share_for_a_group_i_do_not_act_in(actor_a):
 def test_share_from_an_unexpected_sender(actor_a):
     refuse(actor_a, Share("r1", 0, 0, "d", SEED), "d is not expected to send shares")
     refuse(actor_a, Share("r1", 0, 0, "mallory", SEED), "mallory is not expected")
+    # b, the group's other actor, keeps its vector whole below the root group.
+    refuse(actor_a, Share("r1", 0, 0, "b", SEED), "b is not expected to send shares")
+    refuse(actor_a, Share("r1", 0, 0, "b", None, vec(1)), "b is not expected to send shares")
 
 
 def test_duplicate_share(actor_a):
@@ -193,16 +211,16 @@ def test_duplicate_share(actor_a):
     # Nobody else may send my own share.
     refuse(actor_a, Share("r1", 0, 0, "a", None, vec(1)), "claims to come from myself")
     refuse(actor_a, Share("r1", 0, 0, "a", SEED), "claims to come from myself")
-    # b is an actor and keeps its dense share: a seed is all it may send us.
-    refuse(actor_a, Share("r1", 0, 0, "b", None, vec(1)), "from b belongs to b")
+    # d is a root actor and keeps its dense share: a seed is all it may send us.
+    refuse(actor_a, Share("r1", 1, 0, "d", None, vec(1)), "from d belongs to d")
 
 
 def test_duplicate_seed():
     a = identity_round("a")
-    a.receive(Share("r1", 0, 0, "b", SEED))  # booked: a's sum has not started
-    assert a._seeds.received[(0, 0)] == {"b": SEED}
-    assert "from b" not in a.waiting_for()
-    refuse(a, Share("r1", 0, 0, "b", bytes(32)), "duplicate seed .* from b")
+    a.receive(Share("r1", 1, 0, "d", SEED))  # booked: a's sum has not started
+    assert a._seeds.received[(1, 0)] == {"d": SEED}
+    assert "shares for level 1 group 0 from a, b, e;" in a.waiting_for()
+    refuse(a, Share("r1", 1, 0, "d", bytes(32)), "duplicate seed .* from d")
 
 
 def dense_slot() -> PeerRound:
@@ -294,14 +312,10 @@ def test_waiting_for_names_the_missing_peers():
     assert peers["c"].waiting_for() == "the result from actor a (level 0)"
     a = peers["a"]
     assert a.waiting_for() == (
-        "shares for level 0 group 0 from a, b, c; shares for level 1 group 0 from a, b, d, e; "
+        "shares for level 0 group 0 from a, c; shares for level 1 group 0 from a, b, d, e; "
         "root partial sums from a, d"
     )
     a.start()
-    assert a.waiting_for().startswith("shares for level 0 group 0 from b, c;")
-    for send in peers["b"].start():
-        if send.to == "a":
-            a.receive(send.message)
     assert a.waiting_for().startswith("shares for level 0 group 0 from c;")
     b = peers["b"]
     assert b.waiting_for().endswith("the result from actor a (level 1)")

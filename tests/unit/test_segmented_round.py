@@ -306,13 +306,20 @@ def test_start_shares_exactly_the_first_window(window):
         assert setup.encoded[pid] == list(range(first))
         shares = [x.message for x in sends]
         assert all(isinstance(m, Share) and m.level == 0 and m.sender == pid for m in shares)
-        # A seed for every actor of my group but me, once for all segments (naming
-        # segment 0); a dense share per segment, kept by an actor, else sent to the
-        # actors in turn.
+        # A non-actor sends a seed to every actor of its group, once for all
+        # segments (naming segment 0), and a dense share per segment to the
+        # actors in turn. A level-0 actor (below the root group) keeps its vector
+        # whole and sends nothing.
         seeds = [(x.to, m.segment) for x, m in zip(sends, shares, strict=True) if m.seed]
         dense = [(x.to, m.segment) for x, m in zip(sends, shares, strict=True) if not m.seed]
         assert all(m.seed is None or m.payload is None for m in shares)
-        assert sorted(seeds) == sorted((a, 0) for a in group.actors if a != pid)
+        assert setup.tree.depth > 1 and setup.tree.splits_in(group, pid) == (
+            pid not in group.actors
+        )
+        if pid in group.actors:
+            assert seeds == []
+        else:
+            assert sorted(seeds) == sorted((a, 0) for a in group.actors)
         if pid in group.actors:
             assert dense == []
         else:

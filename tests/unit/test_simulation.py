@@ -50,8 +50,11 @@ def expected_counts(n: int, g: int, k: int) -> dict[str, int]:
     levels = level_sizes(n, g, k)
     participants = [sum(sizes) for sizes in levels]
     groups = [len(sizes) for sizes in levels]
+    # Below the root group only non-actors split (k shares each: one to every
+    # actor); in the root group everyone does, an actor keeping one share at home.
+    below = zip(participants[:-1], groups[:-1], strict=True)
     return {
-        "Share": sum(nl * k - gl * k for nl, gl in zip(participants, groups, strict=True)),
+        "Share": sum((nl - gl * k) * k for nl, gl in below) + participants[-1] * k - k,
         "Partial": k * (k - 1),
         "Result": sum(nl - gl * k for nl, gl in zip(participants, groups, strict=True)),
     }
@@ -103,15 +106,17 @@ def test_documented_numbers_for_1000_peers():
     assert [sum(level) for level in sizes] == [
         1000, 666, 444, 296, 196, 130, 86, 56, 36, 24, 16, 10, 6, 4,
     ]  # fmt: skip
-    assert expected_counts(1000, 3, 2) == {"Share": 3968, "Partial": 2, "Result": 998}
+    assert expected_counts(1000, 3, 2) == {"Share": 1998, "Partial": 2, "Result": 998}
 
 
 def test_expected_counts_by_hand():
     # 3 peers, one group of 3 with 2 actors: the leaf sends 2 shares, each actor 1 seed to
     # the other; the two actors exchange partials; the leaf gets one result.
     assert expected_counts(3, 3, 2) == {"Share": 4, "Partial": 2, "Result": 1}
-    # 7 peers: [3, 4] then [4]: shares (7*2 - 2*2) + (4*2 - 1*2) = 16, results 3 + 2 = 5.
-    assert expected_counts(7, 3, 2) == {"Share": 16, "Partial": 2, "Result": 5}
+    # 7 peers: [3, 4] then [4]: level 0 is below the root group, where only the 3
+    # non-actors split (2 shares each), then the root group as above: 6 + (4*2 - 2)
+    # = 12 shares; results 3 + 2 = 5.
+    assert expected_counts(7, 3, 2) == {"Share": 12, "Partial": 2, "Result": 5}
 
 
 def test_traffic_grows_linearly_and_depth_logarithmically():

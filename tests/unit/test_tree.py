@@ -204,6 +204,36 @@ def test_neighbours_of_a_hand_built_tree():
     assert tree.neighbours("stranger") == frozenset()
 
 
+def test_actors_below_the_root_group_do_not_split_and_are_not_each_others_neighbours():
+    # level 0: g h i -> actors g h (and two more groups); level 1: g and h land in
+    # different groups, as non-actors; the root group: a d b e -> actors a b.
+    tree = AggregationTree.from_wire(
+        [
+            [
+                [["a", "b", "c"], ["a", "b"]],
+                [["d", "e", "f"], ["d", "e"]],
+                [["g", "h", "i"], ["g", "h"]],
+            ],
+            [[["a", "d", "g"], ["a", "d"]], [["b", "e", "h"], ["b", "e"]]],
+            [[["a", "d", "b", "e"], ["a", "b"]]],
+        ],
+        3,
+        2,
+    )
+    g0, root = tree.levels[0][2], tree.root
+    assert not tree.splits_in(g0, "g") and not tree.splits_in(g0, "h")
+    assert tree.splits_in(g0, "i")
+    # In the root group everyone splits, the actors included.
+    assert all(tree.splits_in(root, p) for p in root.participants)
+    assert tree.senders_to(g0, "g") == {"g", "i"}
+    assert tree.senders_to(root, "a") == {"a", "b", "d", "e"}
+    # g and h share a group only where neither sends the other anything.
+    assert tree.neighbours("g") == {"i", "a", "d"}
+    assert tree.neighbours("h") == {"i", "b", "e"}
+    # a and b act together at the root: they exchange partial sums there.
+    assert tree.neighbours("a") == {"b", "c", "d", "e", "g"}
+
+
 # -- validation ------------------------------------------------------------------
 
 
