@@ -11,9 +11,9 @@ an actor that is also a participant sends itself nothing, and "each peer acts
 for at most one group per level" then holds by construction. Below the root
 group an actor does not even split its vector
 (:meth:`AggregationTree.splits_in`). Why a short remainder joins the last
-group: a group of fewer than ``max(3, num_actors + 1)`` members could not pick ``num_actors``
-actors and still keep every participant's input split among two or more
-parties.
+group: a group of fewer than ``max(3, num_actors + 1)`` members could not
+pick ``num_actors`` actors and still keep a non-actor, whose input is split
+among two or more parties and whose share masks every actor's sum.
 """
 
 from __future__ import annotations
@@ -106,9 +106,10 @@ class AggregationTree:
 
         The actors of each group it splits its vector in (its shares up, the
         result down; at the root, the other root actors' partial sums) and the
-        participants of each group it acts for that split there or get the
-        result from it. A peer needs sealed links with these only: at N = 30,
-        2-10 key agreements per round instead of 29.
+        participants that split in each group it acts for (their shares up, the
+        result down: only non-actors get it, and they all split). A peer
+        needs sealed links with these only: at N = 30, 2-10 key agreements
+        per round instead of 29.
         """
         out: set[str] = set()
         for level in self.levels:

@@ -19,8 +19,9 @@ The round, from one peer's view:
    actor gets a non-actor's dense share rotates with the segment
    (:func:`dense_actor`), so every actor gets an even part of the dense shares.
 2. For every group I act for, wait for exactly one share from each of its
-   participants; their sum is my vector for the next level, where I
-   participate again (step 1 at that level).
+   participants that splits there (:meth:`~lightning_secagg.tree.AggregationTree.senders_to`);
+   their sum is my vector for the next level, where I participate again
+   (step 1 at that level).
 3. At the root, the actors send each other their partial sums; each adds
    them all, decodes the ring total (``finalize``) and holds the result.
 4. Down: every actor forwards the result to the participants of the groups
