@@ -436,11 +436,16 @@ class Plan:
             f"A peer's weights are exposed only if all {k} actors of its level-0 group "
             f"pool their shares: any {k - 1} of them together see only uniformly random "
             "values. "
-            "A peer that is itself one of those actors (below the root group) does not "
-            "split its weights there: they go whole into its own partial sum, masked by "
-            "the other participants' shares, and that sum is split one level up; exposing "
-            "them takes the actors of that group together with the non-actors whose "
-            "shares mask it. In the root group an actor keeps one share at home.",
+            "A peer that is itself one of those actors does not split its weights "
+            "there: they go whole into its own partial sum, masked by the other "
+            "participants' shares, and that sum is split one level up; exposing them "
+            "takes the actors of that group together with the non-actors whose shares "
+            "mask it. A root actor's partial sum goes to the other root actors"
+            + (
+                ", and it keeps one share of its weights at home."
+                if k >= 3
+                else " (with two, a split would hide nothing from the other one)."
+            ),
             f"Smallest coalition that exposes anybody: {k} peers (the actors of one group).",
             f"Inherent to averaging: the other {n - 1} peers together learn the last "
             "one's weights from the average, whatever the tree.",

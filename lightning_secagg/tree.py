@@ -9,8 +9,8 @@ the root, whose actors exchange their partial sums.
 Why actors are drawn from inside their group (the design leaves this open):
 an actor that is also a participant sends itself nothing, and "each peer acts
 for at most one group per level" then holds by construction. Below the root
-group an actor does not even split its vector
-(:meth:`AggregationTree.splits_in`). Why a short remainder joins the last
+group an actor does not even split its vector, nor in a root group of two
+actors (:meth:`AggregationTree.splits_in`). Why a short remainder joins the last
 group: a group of fewer than ``max(3, num_actors + 1)`` members could not
 pick ``num_actors`` actors and still keep a non-actor, whose input is split
 among two or more parties and whose share masks every actor's sum.
@@ -91,10 +91,15 @@ class AggregationTree:
         a 30-peer round's). Its privacy then rests on the next level's shares
         and on the masks that the group's non-actors (every group has one)
         add to the same sum: see ``docs/threat-model.md``. In the root group
-        the actors still split: they send each other their sums, so no sum
-        may be an actor's own value in the clear.
+        the actors send each other their sums, so there an actor splits when
+        the group has three actors or more: then no single other actor can
+        take its own masks out of the sum it receives. With two root actors
+        the split would hide nothing from the only other one (it gets the
+        seed, and the dense share inside the sum), so it is skipped there too.
         """
-        return peer_id not in group.actors or group.level == self.depth - 1
+        if peer_id not in group.actors:
+            return True
+        return group.level == self.depth - 1 and len(group.actors) >= 3
 
     def senders_to(self, group: Group, actor: str) -> frozenset[str]:
         """Who contributes to ``actor``'s sum for ``group``: itself, and every
@@ -105,9 +110,10 @@ class AggregationTree:
         """Every member ``peer_id`` exchanges messages with in a round.
 
         The actors of each group it splits its vector in (its shares up, the
-        result down; at the root, the other root actors' partial sums) and the
-        participants that split in each group it acts for (their shares up, the
-        result down: only non-actors get it, and they all split). A peer
+        result down), the participants that split in each group it acts for
+        (their shares up, the result down: only non-actors get it, and they
+        all split) and, for a root actor, the other root actors (their partial
+        sums, whether or not the root actors split their vectors). A peer
         needs sealed links with these only: at N = 30, 2-10 key agreements
         per round instead of 29.
         """
@@ -118,6 +124,8 @@ class AggregationTree:
                     out.update(g.actors)
                 if peer_id in g.actors:
                     out.update(p for p in g.participants if self.splits_in(g, p))
+        if peer_id in self.root.actors:  # the root exchange, split or not
+            out.update(self.root.actors)
         out.discard(peer_id)
         return frozenset(out)
 

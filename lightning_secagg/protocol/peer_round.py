@@ -9,10 +9,10 @@ The round, from one peer's view:
 
 1. Level 0: split the encoded vector into ``num_actors`` additive shares and
    send one to each actor of my group (the others get 32-byte seeds) -- unless
-   I am one of those actors and the group is not the root group: then the
-   vector goes whole into my own sum for the group
-   (:meth:`~lightning_secagg.tree.AggregationTree.splits_in`); in the root
-   group an actor keeps its dense share and sends the others seeds. The
+   I am one of those actors: then the vector goes whole into my own sum for
+   the group (:meth:`~lightning_secagg.tree.AggregationTree.splits_in`),
+   except in a root group of three actors or more, where an actor keeps its
+   dense share and sends the others seeds. The
    seeds are drawn once per level for the whole round (:class:`LevelSeeds`):
    in a round cut into segments, every segment is masked with the same seeds
    (the segment's own keystream of each), and a seed travels once. Which
@@ -97,8 +97,8 @@ class LevelSeeds:
         received: As an actor, per ``(level, group)``: the seed of each
             participant that sent one. Each segment's sum takes in those of the
             participants whose dense share of that segment goes elsewhere, when
-            it starts (an actor always contributes its own dense share to its
-            own group's sum, so every segment's sum does start).
+            it starts (an actor always contributes its own vector, or its own
+            dense share, to its own group's sum, so every segment's sum does start).
     """
 
     segments: int = 1
@@ -393,8 +393,9 @@ class PeerRound:
             raise LocalProtocolError(f"{self.me} does not participate at level {level}")
         key = (level, group.index)
         if not self.tree.splits_in(group, self.me):
-            # An actor below the root group keeps its vector whole: it goes into
-            # its own sum for the group, nobody else's (AggregationTree.splits_in).
+            # An actor keeps its vector whole (below the root group, or in a root
+            # group of two): it goes into its own sum for the group, nobody else's
+            # (AggregationTree.splits_in).
             return self._contribute(self._accs[key], key, self.me, vector, None, owned=True)
         seeds = self._seeds.drawn.get(level)
         first = seeds is None

@@ -274,6 +274,8 @@ class FaultSim:
         seed: int,
         *,
         timeout: float = 60.0,
+        group_size: int = 3,
+        num_actors: int = 2,
         max_retries: int = 2,
         heartbeat: float = 1.0,
         liveness: float = 3.0,
@@ -292,10 +294,10 @@ class FaultSim:
         self.no_target = False
         self.sched = SchedulerState(
             n,
-            3,
-            2,
+            group_size,
+            num_actors,
             round_timeout=None,
-            min_size=3,
+            min_size=max(3, num_actors + 1),
             queue_wait=queue_wait,
             liveness_timeout=liveness,
             clock=lambda: self.now,
@@ -327,7 +329,8 @@ class FaultSim:
         if self.fault is None:
             return
         if self.target is None and not self.no_target:
-            self.target = pick_target(tree, self.fault.role, self.fault.mtype)
+            sends = self.fault.mtype if self.fault.direction == "send" else ""
+            self.target = pick_target(tree, self.fault.role, sends)
             self.no_target = self.target is None
         if self._hits("recv", "assignment", peer.pid) and self.fault.kind == "crash":
             self.fault_used = True
@@ -443,7 +446,8 @@ class FaultSim:
 
 
 def pick_target(tree: AggregationTree, role: str, mtype: str = "") -> str | None:
-    """The first peer (by id) with ``role``: leaf (never an actor), actor (not root), root."""
+    """The first peer (by id) with ``role``: leaf (never an actor), actor (not root), root;
+    one that sends messages of type ``mtype``, if given."""
     root = set(tree.root.actors)
     actors = {a for level in tree.levels for g in level for a in g.actors}
     if role == "leaf":
@@ -452,6 +456,9 @@ def pick_target(tree: AggregationTree, role: str, mtype: str = "") -> str | None
         pool = actors - root
     else:
         pool = root
+    if mtype == "share":  # a peer that splits somewhere (two root actors never do)
+        pool &= {p for level in tree.levels for g in level for p in g.participants
+                 if tree.splits_in(g, p)}  # fmt: skip
     if mtype == "result":  # an actor that does send a result down
         pool &= {
             designated_actor(g, p)

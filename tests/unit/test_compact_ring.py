@@ -1092,9 +1092,10 @@ def test_a_refused_ring_means_the_assignment_is_not_joined(caplog):
     peer = make_peer()
     sent = []
     peer._deliver = lambda rnd, sends: sent.extend(sends)  # no sockets in this test
-    ok = peer._accept_assignment(
-        assignment(32, [2, 4, 1]), PEER_SD, 1.0, PEER_SCHEMA, PEER_EXPS, None
-    )
+    # Four peers: "me" is no actor of the (root) group, so it splits and sends.
+    four = assignment(32, [2, 4, 1], n=4)
+    assert "me" not in four.tree[0][0][1]
+    ok = peer._accept_assignment(four, PEER_SD, 1.0, PEER_SCHEMA, PEER_EXPS, None)
     assert ok is not None
     assert ok.state.dtype == U32
     assert 1 + sum(seg.size - 1 for seg in ok.state.segments) == PEER_SCHEMA.vector_size

@@ -136,11 +136,25 @@ def test_start_sends_shares_to_the_other_actors_only():
     assert peers["b"].waiting_for().startswith("shares for level 0 group 0 from c;")
 
 
-def test_actors_split_in_the_root_group():
-    _, sends = a_given_cs_share()
-    # a's level-0 sum is complete: in the root group it splits like everyone,
-    # keeping its dense share and sending d (the other root actor) a seed.
-    assert [(s.to, s.message.level, s.message.seed is not None) for s in sends] == [("d", 1, True)]
+def test_root_actors_of_two_keep_their_vector_whole():
+    a, sends = a_given_cs_share()
+    # a's level-0 sum is complete and goes whole into its root sum: with two root
+    # actors a split would hide nothing from d, which would get the seed and the
+    # partial sum. a waits for the root group's non-actors only.
+    assert sends == []
+    assert a.waiting_for().startswith("shares for level 1 group 0 from b, e;")
+
+
+def test_root_actors_of_three_split():
+    root = Group(0, 0, ("a", "b", "c", "d"), ("a", "b", "c"))
+    tree = AggregationTree(((root,),), group_size=4, num_actors=3)
+    a = identity_round("a", tree)
+    # a keeps its dense share and sends the two other root actors a seed each:
+    # b alone cannot take c's mask out of a's partial sum.
+    sends = a.start()
+    assert sorted(s.to for s in sends) == ["b", "c"]
+    assert all(s.message.seed is not None and s.message.level == 0 for s in sends)
+    assert a.waiting_for().startswith("shares for level 0 group 0 from b, c, d;")
 
 
 def test_start_twice_raises_local_protocol_error():
@@ -211,16 +225,18 @@ def test_duplicate_share(actor_a):
     # Nobody else may send my own share.
     refuse(actor_a, Share("r1", 0, 0, "a", None, vec(1)), "claims to come from myself")
     refuse(actor_a, Share("r1", 0, 0, "a", SEED), "claims to come from myself")
-    # d is a root actor and keeps its dense share: a seed is all it may send us.
-    refuse(actor_a, Share("r1", 1, 0, "d", None, vec(1)), "from d belongs to d")
+    # d, the other root actor, keeps its vector whole: it sends no shares at all.
+    refuse(actor_a, Share("r1", 1, 0, "d", SEED), "d is not expected to send shares")
+    # e's only dense share at the root (a round of one segment) goes to d.
+    refuse(actor_a, Share("r1", 1, 0, "e", None, vec(1)), "from e belongs to d")
 
 
 def test_duplicate_seed():
     a = identity_round("a")
-    a.receive(Share("r1", 1, 0, "d", SEED))  # booked: a's sum has not started
-    assert a._seeds.received[(1, 0)] == {"d": SEED}
-    assert "shares for level 1 group 0 from a, b, e;" in a.waiting_for()
-    refuse(a, Share("r1", 1, 0, "d", bytes(32)), "duplicate seed .* from d")
+    a.receive(Share("r1", 1, 0, "e", SEED))  # booked: a's sum has not started
+    assert a._seeds.received[(1, 0)] == {"e": SEED}
+    assert "shares for level 1 group 0 from a, b;" in a.waiting_for()
+    refuse(a, Share("r1", 1, 0, "e", bytes(32)), "duplicate seed .* from e")
 
 
 def dense_slot() -> PeerRound:
@@ -312,7 +328,7 @@ def test_waiting_for_names_the_missing_peers():
     assert peers["c"].waiting_for() == "the result from actor a (level 0)"
     a = peers["a"]
     assert a.waiting_for() == (
-        "shares for level 0 group 0 from a, c; shares for level 1 group 0 from a, b, d, e; "
+        "shares for level 0 group 0 from a, c; shares for level 1 group 0 from a, b, e; "
         "root partial sums from a, d"
     )
     a.start()
@@ -322,11 +338,11 @@ def test_waiting_for_names_the_missing_peers():
 
 
 def test_out_of_order_share_for_a_later_level_is_accepted():
-    # ``a`` gets d's level-1 share before anything at level 0 happened.
+    # ``a`` gets e's level-1 seed before anything at level 0 happened.
     peers = {p: identity_round(p) for p in "abcdef"}
     a = peers["a"]
-    a.receive(Share("r1", 1, 0, "d", SEED))
-    assert "shares for level 1 group 0 from a, b, e" in a.waiting_for()
+    a.receive(Share("r1", 1, 0, "e", SEED))
+    assert "shares for level 1 group 0 from a, b;" in a.waiting_for()
 
 
 # -- random orders -------------------------------------------------------------------

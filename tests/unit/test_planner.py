@@ -148,9 +148,9 @@ def test_a_model_of_several_segments_is_that_many_rounds_of_one_segment_with_see
     # segment index in the headers and the sequence numbers in the envelopes,
     # one msgpack byte each below 128 either way), except the seeds. A round of one
     # segment sends one seed (num_actors - 1 = 1) at the only level where a peer
-    # splits, its top one (below it, it acts, and an actor below the root group
-    # keeps its vector whole); a round of several sends it once, plus one more where
-    # the peer is no actor: its dense shares visit both actors, and both need its seed.
+    # splits, its top one (below it, it acts, and an actor keeps its vector whole;
+    # the root actors, two of them, split nowhere); a round of several sends two
+    # once: its dense shares visit both actors, and both need its seed.
     sizes = [SEGMENT_ELEMENTS] * 3 + [5]
     singles = [predict(multi.tree, model_schema(m, "float64")) for m in sizes]
     assert all(q.num_segments == 1 for q in singles)
@@ -167,8 +167,10 @@ def test_a_model_of_several_segments_is_that_many_rounds_of_one_segment_with_see
         assert top is not None
         splits = [multi.tree.splits_in(multi.tree.group_of(x.peer_id, li), x.peer_id)
                   for li in range(levels)]  # fmt: skip
-        assert splits == [False] * (levels - 1) + [True]
-        saved = (len(sizes) - 1) - (x.peer_id not in top.actors)
+        root_actor = x.peer_id in top.actors  # a peer's top group is the root if it acts there
+        assert root_actor == (x.peer_id in multi.tree.root.actors)
+        assert splits == [False] * (levels - 1) + [not root_actor]
+        saved = 0 if root_actor else len(sizes) - 2
         assert x.p2p_sent == sum(o.p2p_sent for o in ones) - saved * seed_message(x.peer_id)
         assert x.messages_sent - 1 == sum(o.messages_sent - 1 for o in ones) - saved
         assert x.scheduler_sent == ones[0].scheduler_sent

@@ -4,9 +4,11 @@ The counts checked here are the ones ``docs/`` documents. With ``n_L``
 participants in ``G_L`` groups at level ``L`` (from ``tree.level_sizes``) and
 ``k`` actors per group:
 
-* Share messages: ``sum_L (n_L * k - G_L * k)``: every participant sends one
-  share to each of the ``k`` actors of its group, except that each actor
-  keeps its own share.
+* Share messages: ``sum_L (n_L - G_L * k) * k``, plus ``k * (k - 1)`` when
+  ``k >= 3``: every participant that is not an actor of its group sends one
+  share to each of the ``k`` actors; actors keep their vector whole, except
+  in a root group of three actors or more, where each keeps one share and
+  sends the other root actors one each.
 * Partial messages: ``k * (k - 1)``: the root actors exchange their sums.
 * Result messages: ``sum_L (n_L - G_L * k)``: every participant that is not an
   actor of its group gets exactly one copy from its designated actor.
@@ -50,11 +52,11 @@ def expected_counts(n: int, g: int, k: int) -> dict[str, int]:
     levels = level_sizes(n, g, k)
     participants = [sum(sizes) for sizes in levels]
     groups = [len(sizes) for sizes in levels]
-    # Below the root group only non-actors split (k shares each: one to every
-    # actor); in the root group everyone does, an actor keeping one share at home.
-    below = zip(participants[:-1], groups[:-1], strict=True)
+    # Non-actors split (k shares each: one to every actor); so do the root
+    # actors when there are three or more, each keeping one share at home.
+    every = zip(participants, groups, strict=True)
     return {
-        "Share": sum((nl - gl * k) * k for nl, gl in below) + participants[-1] * k - k,
+        "Share": sum((nl - gl * k) * k for nl, gl in every) + (k * (k - 1) if k >= 3 else 0),
         "Partial": k * (k - 1),
         "Result": sum(nl - gl * k for nl, gl in zip(participants, groups, strict=True)),
     }
@@ -106,17 +108,19 @@ def test_documented_numbers_for_1000_peers():
     assert [sum(level) for level in sizes] == [
         1000, 666, 444, 296, 196, 130, 86, 56, 36, 24, 16, 10, 6, 4,
     ]  # fmt: skip
-    assert expected_counts(1000, 3, 2) == {"Share": 1998, "Partial": 2, "Result": 998}
+    assert expected_counts(1000, 3, 2) == {"Share": 1996, "Partial": 2, "Result": 998}
 
 
 def test_expected_counts_by_hand():
-    # 3 peers, one group of 3 with 2 actors: the leaf sends 2 shares, each actor 1 seed to
-    # the other; the two actors exchange partials; the leaf gets one result.
-    assert expected_counts(3, 3, 2) == {"Share": 4, "Partial": 2, "Result": 1}
-    # 7 peers: [3, 4] then [4]: level 0 is below the root group, where only the 3
-    # non-actors split (2 shares each), then the root group as above: 6 + (4*2 - 2)
-    # = 12 shares; results 3 + 2 = 5.
-    assert expected_counts(7, 3, 2) == {"Share": 12, "Partial": 2, "Result": 5}
+    # 3 peers, one group of 3 with 2 actors: the leaf sends 2 shares (the actors keep
+    # their vectors whole); the two actors exchange partials; the leaf gets one result.
+    assert expected_counts(3, 3, 2) == {"Share": 2, "Partial": 2, "Result": 1}
+    # 7 peers: [3, 4] then [4]: the 3 non-actors of level 0 split (2 shares each),
+    # then the 2 of the root group: 6 + 4 = 10 shares; results 3 + 2 = 5.
+    assert expected_counts(7, 3, 2) == {"Share": 10, "Partial": 2, "Result": 5}
+    # 4 peers, one group with 3 actors: the non-actor sends 3 shares, each root
+    # actor the two others a seed; 3 * 2 partials; one result.
+    assert expected_counts(4, 4, 3) == {"Share": 9, "Partial": 6, "Result": 1}
 
 
 def test_traffic_grows_linearly_and_depth_logarithmically():

@@ -223,15 +223,33 @@ def test_actors_below_the_root_group_do_not_split_and_are_not_each_others_neighb
     g0, root = tree.levels[0][2], tree.root
     assert not tree.splits_in(g0, "g") and not tree.splits_in(g0, "h")
     assert tree.splits_in(g0, "i")
-    # In the root group everyone splits, the actors included.
-    assert all(tree.splits_in(root, p) for p in root.participants)
+    # In a root group of two actors only the non-actors split: the other root
+    # actor would learn the split anyway (it gets the seed and the partial sum).
+    assert [p for p in root.participants if tree.splits_in(root, p)] == ["d", "e"]
     assert tree.senders_to(g0, "g") == {"g", "i"}
-    assert tree.senders_to(root, "a") == {"a", "b", "d", "e"}
+    assert tree.senders_to(root, "a") == {"a", "d", "e"}
     # g and h share a group only where neither sends the other anything.
     assert tree.neighbours("g") == {"i", "a", "d"}
     assert tree.neighbours("h") == {"i", "b", "e"}
     # a and b act together at the root: they exchange partial sums there.
     assert tree.neighbours("a") == {"b", "c", "d", "e", "g"}
+    assert tree.neighbours("b") == {"a", "c", "d", "e", "h"}
+
+
+def test_root_actors_split_when_there_are_three_or_more():
+    # One group of five with three actors: against any one other root actor, an
+    # actor's split hides its sum (the third actor's seed is not in it).
+    tree = AggregationTree.from_wire([[[["a", "b", "c", "d", "e"], ["a", "b", "c"]]]], 5, 3)
+    root = tree.root
+    assert all(tree.splits_in(root, p) for p in root.participants)
+    assert tree.senders_to(root, "a") == set(root.participants)
+    assert tree.neighbours("a") == {"b", "c", "d", "e"}
+    # Two actors in a single group: the actors only exchange partial sums.
+    two = AggregationTree.from_wire([[[["a", "b", "c", "d"], ["a", "b"]]]], 4, 2)
+    assert [p for p in two.root.participants if two.splits_in(two.root, p)] == ["c", "d"]
+    assert two.senders_to(two.root, "a") == {"a", "c", "d"}
+    assert two.neighbours("a") == {"b", "c", "d"}
+    assert two.neighbours("c") == {"a", "b"}
 
 
 # -- validation ------------------------------------------------------------------
