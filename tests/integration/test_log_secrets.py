@@ -176,7 +176,9 @@ def test_debug_logs_of_a_round_hold_no_secret():
     for n, key in enumerate(round_keys):
         for j, s in enumerate(spellings(key._secret.private_bytes_raw())):
             needles[f"round key {n} #{j}"] = s
-    assert len(seeds) >= N_PEERS
+    # One group of N_PEERS with two actors: each non-actor draws a seed (the two
+    # root actors keep their vectors whole).
+    assert len(seeds) >= N_PEERS - 2
     for n, seed in enumerate(seeds):
         for j, s in enumerate(spellings(seed)):
             needles[f"seed {n} #{j}"] = s
