@@ -83,8 +83,8 @@ class AggregationTree:
     def splits_in(self, group: Group, peer_id: str) -> bool:
         """Whether participant ``peer_id`` of ``group`` splits its vector into shares there.
 
-        Everyone does, except an actor of a group below the root: its vector
-        would only go into its own sum for that group, and that sum is shared
+        Every non-actor does. An actor of a group below the root does not: its
+        vector would only go into its own sum for that group, and that sum is shared
         in turn at the next level up, where the actor participates again. So
         it keeps the vector whole, which saves a seed and both ends' keystream
         of it (two keystreams per actor, level and segment: three fifths of
@@ -92,8 +92,9 @@ class AggregationTree:
         and on the masks that the group's non-actors (every group has one)
         add to the same sum: see ``docs/threat-model.md``. In the root group
         the actors send each other their sums, so there an actor splits when
-        the group has three actors or more: then no single other actor can
-        take its own masks out of the sum it receives. With two root actors
+        the group has three actors or more: then no single other root actor
+        holds every seed of its split, and the sum it receives stays masked.
+        With two root actors
         the split would hide nothing from the only other one (it gets the
         seed, and the dense share inside the sum), so it is skipped there too.
         """

@@ -26,7 +26,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lightning_secagg import codec
@@ -638,6 +638,9 @@ def int_rounds(draw):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(int_rounds())
+# Two peers at the largest exponent the rule allows (20): there the bound's float64
+# slack, 2**(e - 40), is 2**-11 of 2**-9 (found by hypothesis on 2026-11-27).
+@example((2, torch.int32, "full", [29.0, 1.0], 2))
 def test_integer_and_bool_means_round_correctly_in_the_compact_ring(case):
     n, dtype, values, weights, seed = case
     rng = np.random.default_rng(seed)
@@ -674,7 +677,7 @@ def test_integer_and_bool_means_round_correctly_in_the_compact_ring(case):
     mean = torch.from_numpy(plain_mean(total, plan, 1, 12, plan.frac_bits[0]))
     bound = fixed_point_bound(n, exps[0], ref.abs())
     assert bool(((mean - ref).abs() <= bound).all())
-    assert float(bound.max()) <= 2.0**-9 * (1 + 2.0**-12)
+    assert float(bound.max()) <= 2.0**-9 * (1 + 2.0**-12) + 2.0 ** (exps[0] - 40)
 
     got = out["n"].double()
     assert out["n"].dtype == dtype
