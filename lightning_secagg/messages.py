@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_ID_LEN = 128
 MAX_ENDPOINT_LEN = 256
 MAX_REASON_LEN = 4096

@@ -75,7 +75,7 @@ from lightning_secagg.messages import (
     ident,
 )
 from lightning_secagg.protocol.peer_round import Send
-from lightning_secagg.protocol.segmented_round import SEGMENT_ELEMENTS, SegmentedRound
+from lightning_secagg.protocol.segmented_round import SegmentedRound, segment_elements_for
 from lightning_secagg.sealing import CHUNK_BYTES, TAG_BYTES, Envelope, Link, RoundKey, SealedBlob
 from lightning_secagg.security import (
     KeyPair,
@@ -118,7 +118,7 @@ def required_message_bytes(schema: Schema, *, sealed: bool = True) -> int:
     tag, so the bound stops growing with the model; plaintext (``insecure``)
     payloads are one frame. The margin covers a header frame.
     """
-    bounds = segment_bounds(schema, SEGMENT_ELEMENTS)
+    bounds = segment_bounds(schema, segment_elements_for(schema.vector_size - 1))
     largest = max(
         max(8 * (1 + b - a) for a, b in bounds),
         max(hi - lo for lo, hi in (result_span(schema, a, b) for a, b in bounds)),
@@ -658,7 +658,7 @@ class Peer:
         links = self._links(msg, round_key, tree.neighbours(self.peer_id))
         if links is None:
             return None
-        bounds = segment_bounds(schema, SEGMENT_ELEMENTS)
+        bounds = segment_bounds(schema, segment_elements_for(schema.vector_size - 1))
         state = SegmentedRound(
             me=self.peer_id,
             round_id=msg.round_id,

@@ -9,7 +9,7 @@ is a different draw with the same shape (same depth, same group sizes).
 Rounds move the model through the tree in *segments*
 (:class:`~lightning_secagg.protocol.segmented_round.SegmentedRound`): the data
 elements are cut into runs of
-:data:`~lightning_secagg.protocol.segmented_round.SEGMENT_ELEMENTS`
+:func:`~lightning_secagg.protocol.segmented_round.segment_elements_for` the model
 (:func:`~lightning_secagg.encoding.segment_bounds`), and each segment is an
 independent pass through the same tree, with its own shares, partial sums and
 result, every message naming its segment in its header.
@@ -84,7 +84,7 @@ from lightning_secagg.messages import (
     SignupAck,
 )
 from lightning_secagg.protocol.peer_round import Send
-from lightning_secagg.protocol.segmented_round import SEGMENT_ELEMENTS, SegmentedRound
+from lightning_secagg.protocol.segmented_round import SegmentedRound, segment_elements_for
 from lightning_secagg.sealing import CHUNK_BYTES, Envelope, sealed_extra_bytes
 from lightning_secagg.sharing import SEED_BYTES, RandomBytes
 from lightning_secagg.tree import AggregationTree, build_tree, privacy_warnings
@@ -326,7 +326,8 @@ class Plan:
     """A previewed round: its tree, its privacy threshold and every peer's bytes.
 
     ``segment_elements`` is the segment length the round was simulated with
-    (the protocol's :data:`~lightning_secagg.protocol.segmented_round.SEGMENT_ELEMENTS`).
+    (None: the protocol's for this model,
+    :func:`~lightning_secagg.protocol.segmented_round.segment_elements_for`).
     """
 
     tree: AggregationTree
@@ -336,7 +337,12 @@ class Plan:
     done_bytes: int
     warnings: tuple[str, ...] = field(default=())
     ring: RingChoice = field(default=RingChoice(64, None, None))
-    segment_elements: int = SEGMENT_ELEMENTS
+    segment_elements: int | None = None  # resolved in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.segment_elements is None:
+            length = segment_elements_for(self.schema.vector_size - 1)
+            object.__setattr__(self, "segment_elements", length)
 
     @property
     def num_peers(self) -> int:
@@ -631,7 +637,7 @@ def _bounds(schema: Schema, segment_elements: int) -> list[tuple[int, int]]:
 
 
 def _segment_of(
-    schema: Schema, segment: int, segment_elements: int = SEGMENT_ELEMENTS
+    schema: Schema, segment: int, segment_elements: int | None = None
 ) -> tuple[int, int]:
     """The ``[a, b)`` data elements of segment ``segment`` (see
     :func:`~lightning_secagg.encoding.segment_bounds`).
@@ -640,6 +646,8 @@ def _segment_of(
         ConfigurationError: ``segment_elements`` is not a positive int, or the
             model has no such segment.
     """
+    if segment_elements is None:
+        segment_elements = segment_elements_for(schema.vector_size - 1)
     bounds = _bounds(schema, segment_elements)
     if isinstance(segment, bool) or not isinstance(segment, int) or not 0 <= segment < len(bounds):
         raise ConfigurationError(f"segment {segment!r} of a model of {len(bounds)} segments")
@@ -651,7 +659,7 @@ def payload_size(
     schema: Schema,
     ring_bits: int = 64,
     *,
-    segment_elements: int = SEGMENT_ELEMENTS,
+    segment_elements: int | None = None,
 ) -> int:
     """Bytes of ``message``'s payload for a model of ``schema`` (0 without one).
 
@@ -686,7 +694,7 @@ def wire_size(
     ring_bits: int = 64,
     *,
     seal: Envelope | None = None,
-    segment_elements: int = SEGMENT_ELEMENTS,
+    segment_elements: int | None = None,
 ) -> int:
     """Bytes ``message`` takes on the wire for a model of ``schema``.
 
@@ -766,7 +774,7 @@ def predict(
     deadline_s: float = DEFAULT_DEADLINE_S,
     seed: int | None = None,
     warnings: Sequence[str] = (),
-    segment_elements: int = SEGMENT_ELEMENTS,
+    segment_elements: int | None = None,
 ) -> Plan:
     """Every member's bytes for one round over ``tree``.
 
@@ -793,8 +801,9 @@ def predict(
         deadline_s: The scheduler's round timeout (a float on the wire either way).
         seed: Recorded in the plan, for display.
         warnings: Privacy warnings to show.
-        segment_elements: Data elements per segment: the protocol's
-            :data:`~lightning_secagg.protocol.segmented_round.SEGMENT_ELEMENTS`,
+        segment_elements: Data elements per segment; None (the default): the
+            protocol's for this model,
+            :func:`~lightning_secagg.protocol.segmented_round.segment_elements_for`,
             which every real peer uses (another value predicts no real round).
 
     Returns:
@@ -816,6 +825,8 @@ def predict(
     declared = [m.declared(schema) for m in members]
     ring = RingChoice.of(schema, declared)
     ring_bits = ring.ring_bits
+    if segment_elements is None:
+        segment_elements = segment_elements_for(schema.vector_size - 1)
     bounds = segment_bounds(schema, segment_elements)
     states, delivered = _simulate(tree, round_id, ring_bits, len(bounds))
     sealed = all(m.public_key for m in members)  # an insecure round sends plaintext
@@ -915,8 +926,8 @@ def plan(
     """Build the tree the scheduler would build and predict every peer's bytes.
 
     The round is simulated as :func:`predict` does, every segment of the model
-    (:data:`~lightning_secagg.protocol.segmented_round.SEGMENT_ELEMENTS` elements
-    each) a pass through the tree of its own.
+    (:func:`~lightning_secagg.protocol.segmented_round.segment_elements_for`
+    elements each) a pass through the tree of its own.
 
     Args:
         target_size: Peers per round.

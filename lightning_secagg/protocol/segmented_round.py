@@ -46,12 +46,44 @@ from lightning_secagg.tree import AggregationTree
 
 #: Segments of its own a peer keeps in flight (see the module's docstring).
 DEFAULT_WINDOW = 2
-#: Data elements per segment: with its count slot, a segment's vector is exactly
-#: 1 MiB in the compact ring (2 MiB in the 64-bit one), whole chunks of the share
-#: keystream (``sharing.CHUNK_BYTES``). Part of the protocol (it decides what every
-#: message carries): every peer of a round must use the same. Measured trade-off
-#: in ``docs/benchmarks.md``.
+#: The shortest segment, in data elements: with its count slot, a segment's vector
+#: is then exactly 1 MiB in the compact ring (2 MiB in the 64-bit one), a whole
+#: chunk of the share keystream (``sharing.CHUNK_BYTES``). Every model of up to
+#: :data:`MAX_SEGMENTS` of them (MNISTNet: 5) travels in segments of this length.
 SEGMENT_ELEMENTS = (1 << 18) - 1
+#: The longest segment: 16 MiB with its count slot in the compact ring.
+MAX_SEGMENT_ELEMENTS = (1 << 22) - 1
+#: Segments a model is cut into at most, as long as :data:`MAX_SEGMENT_ELEMENTS`
+#: allows (see :func:`segment_elements_for`).
+MAX_SEGMENTS = 16
+
+
+def segment_elements_for(data_elements: int) -> int:
+    """The segment length of a round for a model of ``data_elements`` elements.
+
+    Part of the protocol (it decides what every message carries): every member
+    derives it from the agreed schema, so all of them cut the model alike. The
+    shortest length ``2**s - 1`` (``s`` from 18 to 22) that cuts the model into
+    at most :data:`MAX_SEGMENTS` segments, else the longest.
+
+    Why it grows with the model: every segment is a pass through the tree with
+    messages of its own, and each message costs about half a millisecond of CPU
+    whatever it carries (sealed header, codec, Python, ZeroMQ wake-ups on both
+    ends). ResNet-50 in 98 segments of 1 MiB spent a fifth of its round on
+    them; in 13 of 8 MiB it ran 2.1x gloo instead of 2.7x. A small model keeps
+    short segments: they bound its peers' buffers (MNISTNet in 2 MiB segments
+    peaked at 4.2x its size, against 1.0-2.5x in 1 MiB ones). Measured in
+    ``docs/benchmarks.md``.
+
+    Raises:
+        LocalProtocolError: ``data_elements`` is not an int >= 0.
+    """
+    if isinstance(data_elements, bool) or not isinstance(data_elements, int) or data_elements < 0:
+        raise LocalProtocolError(f"data_elements must be an int >= 0, got {data_elements!r}")
+    length = SEGMENT_ELEMENTS
+    while length < MAX_SEGMENT_ELEMENTS and -(-data_elements // length) > MAX_SEGMENTS:
+        length = 2 * length + 1  # 2**(s + 1) - 1
+    return length
 
 
 class SegmentedRound:
@@ -68,8 +100,9 @@ class SegmentedRound:
         encode: ``encode(k)`` returns segment ``k``'s encoded vector, called
             when the segment is shared (so only a window of them exists at once).
         finalize: ``finalize(k, total, out)`` decodes segment ``k``'s ring total
-            into ``out`` (its slice of the result buffer) and returns ``out``;
-            only root actors call it.
+            into ``out`` (its slice of the result buffer, not initialized: it
+            must write every byte, padding included) and returns ``out``; only
+            root actors call it.
         random_bytes: Randomness for the seeds.
         window: Segments of its own this peer keeps in flight.
         sends_are_copied: As for :class:`PeerRound`.
@@ -144,9 +177,9 @@ class SegmentedRound:
         out = self.buffer[lo:hi]
 
         def decode(total: np.ndarray) -> np.ndarray:
-            # Zeroed first: the slice's alignment padding is sent down as it is,
-            # and must not carry whatever this process's memory held before.
-            out.fill(0)
+            # finalize writes every byte of the slice, its alignment padding with
+            # zeros: the padding is sent down as it is, and must not carry
+            # whatever this process's memory held before.
             return finalize(k, total, out)
 
         return decode

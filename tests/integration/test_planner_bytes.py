@@ -22,7 +22,7 @@ from lightning_secagg import Peer, Scheduler
 from lightning_secagg.encoding import Schema, magnitude_exponents
 from lightning_secagg.planner import Member, Plan, counter_random_bytes, predict
 from lightning_secagg.protocol import scheduler_state
-from lightning_secagg.protocol.segmented_round import SEGMENT_ELEMENTS
+from lightning_secagg.protocol.segmented_round import SEGMENT_ELEMENTS, segment_elements_for
 from lightning_secagg.sharing import system_random_bytes
 from lightning_secagg.tree import AggregationTree
 
@@ -62,7 +62,18 @@ def segmented_model(i: int) -> dict[str, torch.Tensor]:
     }
 
 
-MODELS = {"mixed": mixed_model, "compact": compact_model, "segmented": segmented_model}
+def long_model(i: int) -> dict[str, torch.Tensor]:
+    # More than MAX_SEGMENTS segments of the shortest length: the round cuts it
+    # into longer ones, as the planner must too.
+    return {"w": torch.linspace(-1.0, 1.0, 16 * SEGMENT_ELEMENTS + 100) * 0.01 * i}
+
+
+MODELS = {
+    "mixed": mixed_model,
+    "compact": compact_model,
+    "segmented": segmented_model,
+    "long": long_model,
+}
 
 
 def all_auto(_i: int) -> str:
@@ -203,6 +214,8 @@ def assert_same_ring(plan: Plan, verdicts: list[object], ring_bits: int) -> None
         (30, 3, 2, "mixed", "auto", 64),
         # Three segments: seeds once for all, dense shares visiting the actors in turn.
         (7, 3, 2, "segmented", "auto", 32),
+        # 17 segments of 2**18 - 1 would be too many: 9 of 2**19 - 1.
+        (6, 3, 2, "long", "auto", 32),
     ],
 )
 def test_reported_bytes_equal_the_planners_exactly(
@@ -214,6 +227,9 @@ def test_reported_bytes_equal_the_planners_exactly(
     )
     plan, stats = plan_for(sched, tree, order, peers, model_fn, ring_of)
     assert_same_ring(plan, verdicts, ring_bits)
+    if model == "long":
+        assert plan.segment_elements == segment_elements_for(16 * SEGMENT_ELEMENTS + 100)
+        assert (plan.segment_elements, plan.num_segments) == ((1 << 19) - 1, 9)
     for pid, s in stats.items():
         predicted = plan.peer(pid)
         assert s.roles == predicted.roles, pid

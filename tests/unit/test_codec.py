@@ -178,7 +178,7 @@ def test_header_not_a_map(value):
     refused([msgpack.packb(value, use_bin_type=True)], "not a map")
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 6, None, "5", True, 5.0, [5]])
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 7, None, "6", True, 6.0, [6]])
 def test_wrong_version(version):
     frame = header_frame(v=version, t="leave", session="s", peer_id="p")
     refused([frame], "unsupported protocol version")

@@ -30,7 +30,11 @@ from lightning_secagg.planner import (
     predict,
     wire_size,
 )
-from lightning_secagg.protocol.segmented_round import SEGMENT_ELEMENTS
+from lightning_secagg.protocol.segmented_round import (
+    MAX_SEGMENT_ELEMENTS,
+    SEGMENT_ELEMENTS,
+    segment_elements_for,
+)
 from lightning_secagg.sealing import Envelope
 from lightning_secagg.tree import level_sizes
 
@@ -66,9 +70,10 @@ def test_depth_for_1000_peers_is_the_documented_14():
         (30, 1_200_000, "auto", 4),  # 5 segments
         (30, 1_200_000, "64", 8),
         (6, 10, "auto", 4),  # one segment
-        # 201 segments: from segment 128 on, the segment index in every header takes
-        # two msgpack bytes (the sequence numbers, per link, stay below 128)
-        (6, 200 * SEGMENT_ELEMENTS + 7, "auto", 4),
+        # 131 segments of the longest length: from segment 128 on, the segment index
+        # in every header takes two msgpack bytes (the sequence numbers, per link,
+        # stay below 128)
+        (6, 130 * MAX_SEGMENT_ELEMENTS + 7, "auto", 4),
     ],
 )
 def test_leaf_sends_a_dense_share_per_segment_one_seed_and_receives_the_result_per_segment(
@@ -76,8 +81,10 @@ def test_leaf_sends_a_dense_share_per_segment_one_seed_and_receives_the_result_p
 ):
     p = plan(n, 3, 2, params=params, ring=ring)
     assert p.ring_bits == 8 * element_bytes
-    bounds = segment_bounds(model_schema(params), SEGMENT_ELEMENTS)
-    assert p.num_segments == len(bounds) == -(-params // SEGMENT_ELEMENTS)
+    length = segment_elements_for(params)
+    assert p.segment_elements == length
+    bounds = segment_bounds(model_schema(params), length)
+    assert p.num_segments == len(bounds) == -(-params // length)
     leaf = next(x for x in p.peers if x.kind.startswith("leaf"))
     assert leaf.roles == ("participant@0",)
     sender = "peer-00000000"  # ids have one length: no size depends on which one
@@ -209,7 +216,7 @@ def test_payload_size_is_the_messages_segments():
     with pytest.raises(ConfigurationError, match="segment 3 of a model of 3 segments"):
         payload_size(Partial("r", "a", None, 3), schema)
     # the segment index is in the header: a fixint below 128, then uint8, uint16...
-    big = model_schema(70_000 * SEGMENT_ELEMENTS)
+    big = model_schema(70_000 * MAX_SEGMENT_ELEMENTS)
     sizes = [wire_size(Share("r", 0, 0, "a", bytes(32), None, k), big) for k in (0, 127, 128, 256)]
     sizes.append(wire_size(Share("r", 0, 0, "a", bytes(32), None, 65_536), big))
     assert [x - sizes[0] for x in sizes] == [0, 0, 1, 2, 4]

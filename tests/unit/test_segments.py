@@ -19,7 +19,18 @@ from lightning_secagg.encoding import (
     result_span,
     segment_bounds,
 )
-from lightning_secagg.errors import ConfigurationError, EncodingError, InvalidTotalError
+from lightning_secagg.errors import (
+    ConfigurationError,
+    EncodingError,
+    InvalidTotalError,
+    LocalProtocolError,
+)
+from lightning_secagg.protocol.segmented_round import (
+    MAX_SEGMENT_ELEMENTS,
+    MAX_SEGMENTS,
+    SEGMENT_ELEMENTS,
+    segment_elements_for,
+)
 from tests.unit.test_encoding import ALL_DTYPES as DTYPES
 from tests.unit.test_encoding import ring_sum
 
@@ -71,12 +82,17 @@ def test_segments_encode_and_decode_exactly_as_the_whole_model(sizes, dtype_idx,
         lo, hi = result_span(schema, a, b)
         assert lo == expected_start
         expected_start = hi
-        out = np.zeros(hi - lo, dtype=np.uint8)
+        # Whatever the buffer held before: every byte is written, padding zeroed.
+        out = np.full(hi - lo, 0xAB, dtype=np.uint8)
         got = decode_total(ring_sum(parts), schema, plan, segment=(a, b), out=out)
         assert got is out
         pieces.append(got)
     assert expected_start == schema.result_nbytes
     assert np.concatenate(pieces).tobytes() == whole_result.tobytes()
+    padding = np.ones(schema.result_nbytes, dtype=bool)
+    for spec, pos in zip(schema.tensors, schema.result_offsets, strict=True):
+        padding[pos : pos + spec.nbytes] = False
+    assert not whole_result[padding].any()
 
 
 def test_a_segment_of_a_cuda_less_tensor_copies_only_its_part():
@@ -94,6 +110,38 @@ def test_segment_bounds_refuse_bad_sizes():
             segment_bounds(schema, bad)
     assert segment_bounds(schema, 100) == [(0, 5)]
     assert segment_bounds(schema, 2) == [(0, 2), (2, 4), (4, 5)]
+
+
+@pytest.mark.parametrize(
+    ("elements", "length"),
+    [
+        (0, SEGMENT_ELEMENTS),
+        (1_199_882, SEGMENT_ELEMENTS),  # MNISTNet: 5 segments of 1 MiB
+        (MAX_SEGMENTS * SEGMENT_ELEMENTS, SEGMENT_ELEMENTS),
+        (MAX_SEGMENTS * SEGMENT_ELEMENTS + 1, (1 << 19) - 1),
+        (25_610_205, (1 << 21) - 1),  # ResNet-50 (with its buffers): 13 segments of 8 MiB
+        (MAX_SEGMENTS * MAX_SEGMENT_ELEMENTS, MAX_SEGMENT_ELEMENTS),
+        (10**12, MAX_SEGMENT_ELEMENTS),  # no longer than 16 MiB, however many
+    ],
+)
+def test_segment_length_grows_with_the_model_up_to_a_bound(elements, length):
+    assert segment_elements_for(elements) == length
+
+
+@given(st.integers(min_value=0, max_value=1 << 40))
+def test_segment_length_is_the_shortest_that_keeps_the_segments_few(elements):
+    length = segment_elements_for(elements)
+    assert length + 1 in [1 << s for s in range(18, 23)]
+    segments = -(-elements // length)
+    assert segments <= MAX_SEGMENTS or length == MAX_SEGMENT_ELEMENTS
+    if length > SEGMENT_ELEMENTS:  # the next shorter one would cut too many
+        assert -(-elements // (length // 2)) > MAX_SEGMENTS
+
+
+def test_segment_length_refuses_a_bad_size():
+    for bad in (-1, 1.5, True, None):
+        with pytest.raises(LocalProtocolError):
+            segment_elements_for(bad)  # type: ignore[arg-type]
 
 
 def test_bad_segments_refused():
