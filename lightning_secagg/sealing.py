@@ -152,6 +152,20 @@ def _split_chunks(payload: Any) -> list[memoryview]:
     return [view[i : i + CHUNK_BYTES] for i in range(0, view.nbytes, CHUNK_BYTES)]
 
 
+def _encrypt_chunk(aead: AESGCM, nonce: bytes, chunk: memoryview, aad: bytes | None) -> np.ndarray:
+    """Encrypt a payload chunk into a fresh ``uint8`` array: ciphertext, then tag.
+
+    Why not ``aead.encrypt``: the bytes object it returns cost a pass more
+    (sealing 1 MiB took 0.14-0.17 ms that way against 0.11-0.12 into an array,
+    8 MiB 1.7-1.9 against 1.0-1.2 ms, with a few live at once as in a round),
+    and numpy asks the kernel for huge pages for large arrays: a tenth of the
+    page faults at 8 MiB.
+    """
+    out = np.empty(chunk.nbytes + TAG_BYTES, dtype=np.uint8)
+    aead.encrypt_into(nonce, chunk, aad, out)
+    return out
+
+
 #: ``place(header, nbytes)``: where to decrypt a payload of ``nbytes`` whose sealed
 #: header is ``header`` (authenticated already): a writable 1-d ``uint8`` array of
 #: exactly ``nbytes``, or None for a fresh buffer. See :meth:`Link.open_message`.
@@ -217,7 +231,9 @@ class SealedBlob:
         chunks = _split_chunks(payload)
         if not chunks:
             raise ValueError("nothing to seal")
-        return cls(key, tuple(aead.encrypt(_nonce(0, i), c, None) for i, c in enumerate(chunks)))
+        return cls(
+            key, tuple(_encrypt_chunk(aead, _nonce(0, i), c, None) for i, c in enumerate(chunks))
+        )
 
     def open(self, out: np.ndarray | None = None) -> Any:
         """The payload, decrypted into ``out`` or one fresh writable ``uint8`` array.
@@ -307,14 +323,14 @@ class Link:
         """Seal a codec message (header frame, optional payload frame) for the wire.
 
         The payload is sealed in chunks of :data:`CHUNK_BYTES`; each sealed part
-        is a fresh buffer sent without a further copy.
+        is a fresh ``uint8`` array sent without a further copy.
         """
         chunks = _split_chunks(frames[1]) if len(frames) > 1 else []
         seq, envelope = self._next_envelope(len(chunks))
         plain = _PLAIN + bytes(frames[0])
         out: list[Any] = [envelope, self.aead.encrypt(_nonce(seq, 0), plain, envelope)]
         for i, chunk in enumerate(chunks, start=1):
-            out.append(self.aead.encrypt(_nonce(seq, i), chunk, envelope))
+            out.append(_encrypt_chunk(self.aead, _nonce(seq, i), chunk, envelope))
         return out
 
     def _next_envelope(self, payload_parts: int) -> tuple[int, bytes]:
