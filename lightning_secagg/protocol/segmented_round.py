@@ -69,8 +69,8 @@ def segment_elements_for(data_elements: int) -> int:
     Why it grows with the model: every segment is a pass through the tree with
     messages of its own, and each message costs about half a millisecond of CPU
     whatever it carries (sealed header, codec, Python, ZeroMQ wake-ups on both
-    ends). ResNet-50 in 98 segments of 1 MiB spent a fifth of its round on
-    them; in 13 of 8 MiB it ran 2.1x gloo instead of 2.7x. A small model keeps
+    ends). ResNet-50 in 98 segments of 1 MiB took a fifth more CPU than in 13
+    of 8 MiB, and 2.7x gloo's time against 2.1x. A small model keeps
     short segments: they bound its peers' buffers (MNISTNet in 2 MiB segments
     peaked at 4.2x its size, against 1.0-2.5x in 1 MiB ones). Measured in
     ``docs/benchmarks.md``.
