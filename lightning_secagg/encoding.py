@@ -637,16 +637,16 @@ def decode_total(
         out = np.empty(end - base, dtype=np.uint8)
     elif out.dtype != np.uint8 or out.shape != (end - base,):
         raise EncodingError(f"decode_total needs a uint8 buffer of {end - base} bytes")
-    # One float64 scratch chunk, reused: no model-sized float64 temporary, and no
-    # allocation per chunk.
-    scratch = np.empty(max(1, min(ENCODE_CHUNK, b - a)), dtype=np.float64)
+    # Tensors numpy cannot convert into (float16, bfloat16, integers, bool) go
+    # through one float64 scratch chunk, made at the first of them and reused: no
+    # model-sized float64 temporary, and no allocation per chunk.
+    scratch: np.ndarray | None = None
     src = 1
     offsets = schema.result_offsets
     written = 0  # out[:written] holds its final bytes
     for t, spec, lo, hi in _pieces(schema, a, b):
         dtype = spec.torch_dtype
-        # The tensor's part of the output, viewed in its own dtype: each chunk is
-        # converted straight into it.
+        # The tensor's part of the output: converted straight into it, in its own dtype.
         dst = offsets[t] + lo * dtype.itemsize - base
         nbytes = (hi - lo) * dtype.itemsize
         out[written:dst] = 0  # the alignment padding before this tensor
@@ -668,6 +668,8 @@ def decode_total(
             src += hi - lo
             continue
         dest = torch.from_numpy(out[dst : dst + nbytes]).view(dtype)
+        if scratch is None:
+            scratch = np.empty(min(ENCODE_CHUNK, b - a), dtype=np.float64)
         for i in range(0, hi - lo, ENCODE_CHUNK):
             n = min(ENCODE_CHUNK, hi - lo - i)
             mean = scratch[:n]
