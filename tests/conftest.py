@@ -1,0 +1,88 @@
+"""Session guards: nothing a test started may outlive the run, and the run must end.
+
+A CI run that printed its verdict and then never exited (stop 15: 1429 passed,
+then the 90-minute limit) lands nothing and says nothing about why. Two guards
+turn such a hang into a report:
+
+* Every process the tests start inherits a marker in its environment (all our
+  helpers copy ``os.environ``). When the session ends, any process still
+  carrying it, an orphan included, is listed and killed by its PID: an orphan
+  holding the runner's stdout keeps a pipe reader waiting forever.
+* A watchdog thread: if the interpreter has not exited two minutes after the
+  session ended (a non-daemon thread that never returns, an atexit handler that
+  blocks), it prints every thread's stack and exits with the session's status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+MARKER = "LIGHTNING_SECAGG_TEST_SESSION"
+EXIT_GRACE_S = 120.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault(MARKER, f"{os.getpid()}-{secrets.token_hex(8)}")
+
+
+def _marked_processes(token: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every other process whose environment carries ``token``."""
+    needle = f"{MARKER}={token}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append((int(entry.name), cmd.strip()))
+    return found
+
+
+def _watchdog(exitstatus: int) -> None:
+    time.sleep(EXIT_GRACE_S)
+    stream = sys.__stderr__
+    if stream is not None:
+        stream.write(
+            f"\nconftest watchdog: the interpreter did not exit {EXIT_GRACE_S:.0f} s after the "
+            f"session ended; live threads and their stacks follow, then exit {exitstatus}.\n"
+        )
+        faulthandler.dump_traceback(file=stream, all_threads=True)
+        stream.flush()
+    os._exit(exitstatus)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+
+    def say(line: str) -> None:
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(line, yellow=True, bold=True)
+        else:
+            print(line, file=sys.stderr)
+
+    token = os.environ.get(MARKER, "")
+    if token and sys.platform.startswith("linux"):
+        leftovers = _marked_processes(token)
+        for pid, cmd in leftovers:
+            say(f"conftest: process {pid} outlived the tests; killing it: {cmd[:200]}")
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    threads = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    for thread in threads:
+        kind = "daemon" if thread.daemon else "NON-DAEMON (blocks exit)"
+        say(f"conftest: thread {thread.name!r} ({kind}) is still alive")
+    threading.Thread(
+        target=_watchdog, args=(int(exitstatus),), name="conftest-exit-watchdog", daemon=True
+    ).start()
