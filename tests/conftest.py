@@ -11,6 +11,10 @@ turn such a hang into a report:
 * A watchdog thread: if the interpreter has not exited two minutes after the
   session ended (a non-daemon thread that never returns, an atexit handler that
   blocks), it prints every thread's stack and exits with the session's status.
+  Python threads stop running once the interpreter starts tearing down its
+  modules, where a ZeroMQ context with a socket still open would block in
+  ``zmq_ctx_term``; faulthandler's C watchdog covers that phase a minute
+  later, printing the stacks and exiting with status 1.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import pytest
 
 MARKER = "LIGHTNING_SECAGG_TEST_SESSION"
 EXIT_GRACE_S = 120.0
+TEARDOWN_GRACE_S = 180.0
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -83,6 +88,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for thread in threads:
         kind = "daemon" if thread.daemon else "NON-DAEMON (blocks exit)"
         say(f"conftest: thread {thread.name!r} ({kind}) is still alive")
+    stream = sys.__stderr__
+    if stream is not None:
+        faulthandler.dump_traceback_later(TEARDOWN_GRACE_S, exit=True, file=stream)
     threading.Thread(
         target=_watchdog, args=(int(exitstatus),), name="conftest-exit-watchdog", daemon=True
     ).start()
