@@ -1,8 +1,8 @@
 """Session guards: nothing a test started may outlive the run, and the run must end.
 
-A CI run that printed its verdict and then never exited (stop 15: 1429 passed,
-then the 90-minute limit) lands nothing and says nothing about why. Two guards
-turn such a hang into a report:
+A CI run that printed its verdict and then never exited (once, in November 2026:
+"1429 passed", then nothing until the 90-minute limit) lands nothing and says
+nothing about why. Two guards turn such a hang into a report:
 
 * Every process the tests start inherits a marker in its environment (all our
   helpers copy ``os.environ``). When the session ends, any process still
@@ -37,7 +37,8 @@ TEARDOWN_GRACE_S = 180.0
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    os.environ.setdefault(MARKER, f"{os.getpid()}-{secrets.token_hex(8)}")
+    # A token of this session's own, even if pytest was started by another session's test.
+    os.environ[MARKER] = f"{os.getpid()}-{secrets.token_hex(8)}"
 
 
 def _marked_processes(token: str) -> list[tuple[int, str]]:
@@ -84,10 +85,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             say(f"conftest: process {pid} outlived the tests; killing it: {cmd[:200]}")
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-    threads = [t for t in threading.enumerate() if t is not threading.main_thread()]
-    for thread in threads:
-        kind = "daemon" if thread.daemon else "NON-DAEMON (blocks exit)"
-        say(f"conftest: thread {thread.name!r} ({kind}) is still alive")
+    # Daemon threads (pyzmq's zero-copy garbage collector, for one) do not hold up the
+    # exit by themselves; one that does shows in the watchdog's stacks.
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            say(f"conftest: thread {thread.name!r} is still alive and will hold up the exit")
     stream = sys.__stderr__
     if stream is not None:
         faulthandler.dump_traceback_later(TEARDOWN_GRACE_S, exit=True, file=stream)
