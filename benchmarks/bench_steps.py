@@ -52,7 +52,7 @@ def main() -> None:
     )
     from lightning_secagg.messages import Result, Share
     from lightning_secagg.sealing import Envelope, RoundKey, SealedBlob
-    from lightning_secagg.sharing import add_expanded_seed, split
+    from lightning_secagg.sharing import add_expanded_seed, draw_seeds, mask
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -68,6 +68,7 @@ def main() -> None:
     sealed = to_bob.seal(frames)
     envelope = Envelope.unpack(sealed[0])
     total = vector.copy()  # the add-steps below sum into it, over and over
+    masked = vector.copy()  # a leaf masks its fresh encoding in place, over and over here
     ring_total = vector.copy()
     ring_total.view(np.int32)[0] = 2**30  # a plausible count slot
     result = decode_total(ring_total, schema, plan)
@@ -77,7 +78,9 @@ def main() -> None:
     steps: dict[str, Callable[[], object]] = {
         "check values + exponents (aminmax)": lambda: magnitude_exponents(state),
         "encode": lambda: encode(state, schema, 1 / 6, checked=True, plan=plan),
-        "split into 2 shares (1 seed)": lambda: split(vector.copy(), 2, os.urandom),
+        "split into 2 shares (draw 1 seed, subtract its keystream)": lambda: mask(
+            masked, draw_seeds(1, os.urandom)
+        ),
         "add one seed's share (AES-256 keystream)": lambda: add_expanded_seed(
             os.urandom(32), total
         ),

@@ -26,9 +26,7 @@ EPS = {
 }
 
 
-def weighted_reference(
-    n: int, scale: float = 1.0, model: str = "mixed"
-) -> dict[str, torch.Tensor]:
+def weighted_reference(n: int, scale: float = 1.0, model: str = "mixed") -> dict[str, torch.Tensor]:
     """The float64 weighted mean of the ``n`` peers' models."""
     states = [make_state(i, scale, model) for i in range(n)]
     weights = torch.tensor([float(i + 1) for i in range(n)], dtype=torch.float64)

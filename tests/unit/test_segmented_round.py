@@ -472,6 +472,8 @@ def test_seed_shares_are_kept_for_every_segment_and_refused_twice():
         dense = Share(m.round_id, m.level, m.group, m.sender, None, np.zeros(8, np.uint8), k)
         if dense_actor(group, m.sender, k) != send.to:
             refuse(p, dense, "belongs to")
+
+
 def result_setup() -> tuple[Setup, MemNet, str]:
     """A round run until only results are left to deliver; returns a non-actor's id."""
     setup = make_segmented(6, window=5, seed=8)
