@@ -1,10 +1,12 @@
 """A deterministic fault simulator: sans-IO peers and scheduler, an in-memory network, a fake clock.
 
-Every peer runs the real :class:`PeerRound` behind a small driver that does
-what :meth:`lightning_secagg.peer.Peer.aggregate_with_retry` does around it:
-sign up, heartbeat every second, honour the round and phase deadlines
-(:mod:`lightning_secagg.deadlines`), tell the scheduler when it gives up, ignore
-messages of finished rounds, re-sign up on ``Rejoin``, and retry a failed round.
+Every peer is the production :class:`PeerSession`, the state machine inside
+:meth:`lightning_secagg.peer.Peer.aggregate_with_retry`: it signs up,
+heartbeats, honours the round and phase deadlines, tells the scheduler when it
+gives up, ignores messages of finished rounds, re-signs up on ``Rejoin`` and
+retries a failed round, exactly as a real peer does; round traffic travels as
+the real wire frames (:class:`~lightning_secagg.wire.PlainWire`). Only the
+sockets are replaced, by this event queue.
 The scheduler is the real :class:`SchedulerState`, ticked whenever its
 ``next_deadline`` comes due. Time only moves from one event to the next, so a
 "hang" is a survivor that has not reached a terminal state when nothing is left
@@ -27,31 +29,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_secagg.deadlines import phase_deadline
 from lightning_secagg.encoding import Schema, decode_result, decode_total, encode
-from lightning_secagg.errors import (
-    RemoteProtocolError,
-    RoundAbortedError,
-    RoundFailedError,
-    RoundTimeoutError,
-    SignupRejectedError,
+from lightning_secagg.errors import RemoteProtocolError, RoundFailedError
+from lightning_secagg.messages import Assignment
+from lightning_secagg.protocol.peer_round import designated_actor
+from lightning_secagg.protocol.peer_session import (
+    Contribution,
+    PeerSession,
+    Retrying,
+    State,
+    ToScheduler,
 )
-from lightning_secagg.messages import (
-    Abort,
-    Assignment,
-    Done,
-    Heartbeat,
-    Leave,
-    Message,
-    Rejoin,
-    Signup,
-    SignupAck,
-    SignupRejected,
-)
-from lightning_secagg.peer import is_retryable
-from lightning_secagg.protocol.peer_round import PeerRound, designated_actor
 from lightning_secagg.protocol.scheduler_state import SchedulerState
 from lightning_secagg.tree import AggregationTree
+from lightning_secagg.wire import PlainWire, Transmit
 
 SCHED = "scheduler"
 ROLES = ("leaf", "actor", "root")
@@ -89,7 +80,8 @@ class Outcome:
 
 
 class SimPeer:
-    """One peer's ``aggregate_with_retry`` as a sans-IO driver around :class:`PeerRound`."""
+    """One peer: the production :class:`PeerSession` (its retry loop included) on the
+    in-memory network, its round traffic as real wire frames (:class:`PlainWire`)."""
 
     def __init__(
         self,
@@ -103,156 +95,88 @@ class SimPeer:
     ) -> None:
         self.sim, self.pid, self.state = sim, pid, state
         self.schema = Schema.of(state, 16)
-        self.timeout, self.max_retries, self.heartbeat = timeout, max_retries, heartbeat
+        self.timeout, self.max_retries = timeout, max_retries
+        self.wire = PlainWire()
+        self.session = PeerSession(
+            pid,
+            "s",
+            f"inproc://{pid}",
+            "",
+            self.wire,
+            random_bytes=sim.rng.randbytes,
+            heartbeat_interval=heartbeat,
+            frac_bits=16,
+        )
+        schema = self.schema
+        self.contribution = Contribution(
+            schema,
+            1.0,
+            None,  # the 64-bit ring
+            lambda share, plan, seg: encode(state, schema, share, plan=plan, segment=seg),
+            lambda total, plan, seg, out: decode_total(total, schema, plan, segment=seg, out=out),
+        )
         self.crashed = False
-        self.active = False
-        self.attempt = 0
         self.outcome: Outcome | None = None
-        self.finished: set[str] = set()
-        self.early: list[Message] = []
-        self.rnd: PeerRound | None = None
-        self.assignment: Assignment | None = None
-        self.assigned_at = 0.0
+        self.attempt_started = 0.0
 
     # -- the call ---------------------------------------------------------
-    def start_attempt(self, now: float) -> None:
-        self.active = True
-        self.started = now
-        self.deadline = now + self.timeout
-        self.acked = False
-        self.signup_sent = now
-        self.next_beat = now + self.heartbeat
-        self.rnd, self.assignment = None, None
-        self.signup = Signup(
-            "s", self.pid, f"inproc://{self.pid}", "", 1.0, 16, self.schema.to_wire()
+    def start(self, now: float) -> None:
+        self.attempt_started = now
+        self.apply(
+            now,
+            self.session.begin(
+                self.contribution, now, timeout=self.timeout, max_retries=self.max_retries
+            ),
         )
-        self.send(SCHED, self.signup)
 
-    def send(self, to: str, msg: Message) -> None:
-        self.sim.send(self.pid, to, msg)
+    def apply(self, now: float, outputs: list[Any]) -> None:
+        """Send what the session asks for (nothing, once crashed); note how the call ended."""
+        for out in outputs:
+            if isinstance(out, ToScheduler):
+                self.sim.send(self.pid, SCHED, out.message, out.message.TYPE)
+            elif isinstance(out, Transmit):
+                self.sim.send(self.pid, out.to, out, out.what)
+            elif isinstance(out, Retrying):
+                self.attempt_started = now
+        if self.outcome is None and not self.crashed:
+            s = self.session
+            if s.state is State.DONE:
+                assert s.result is not None and s.round_info is not None
+                result = decode_result(s.result, self.schema)
+                members = tuple(sorted(s.round_info.members))
+                self.outcome = Outcome(
+                    True, now, self.attempt_started, result, members, retries=len(s.failures)
+                )
+            elif s.state is State.FAILED:
+                self.outcome = Outcome(
+                    False, now, self.attempt_started, error=s.error, retries=len(s.failures)
+                )
 
     def next_timer(self) -> float | None:
-        if not self.active or self.crashed:
-            return None
-        times = [self.deadline, self.next_beat]
-        due = self._phase_due()
-        if due is not None:
-            times.append(due)
-        return min(times)
-
-    def _phase_due(self) -> float | None:
-        if self.rnd is None or self.assignment is None:
-            return None
-        phase = self.rnd.pending_phase()
-        if phase is None:
-            return None
-        return phase_deadline(
-            self.assigned_at, self.assignment.deadline_s, self.rnd.tree.depth, phase
-        )
+        return None if self.crashed else self.session.next_deadline()
 
     def on_timer(self, now: float) -> None:
-        if not self.active or self.crashed:
-            return
-        due = self._phase_due()
-        if now >= self.deadline or (due is not None and now >= due):
-            what = self.rnd.waiting_for() if self.rnd is not None else "an assignment"
-            self._give_up()
-            self._fail(now, RoundTimeoutError(f"{self.pid} timed out waiting for {what}"))
-            return
-        if now >= self.next_beat:
-            rid = self.assignment.round_id if self.assignment is not None else None
-            self.send(SCHED, Heartbeat("s", self.pid, rid))
-            self.next_beat = now + self.heartbeat
-
-    def _give_up(self) -> None:
-        if self.assignment is not None:
-            self.send(SCHED, Abort(self.assignment.round_id, self.pid, "timed out"))
-        else:
-            self.send(SCHED, Leave("s", self.pid))
-
-    def _fail(self, now: float, exc: BaseException) -> None:
-        if self.assignment is not None:
-            self.finished.add(self.assignment.round_id)
-        self.rnd, self.assignment, self.active = None, None, False
-        if is_retryable(exc) and self.attempt < self.max_retries:
-            self.attempt += 1
-            self.start_attempt(now)
-            return
-        self.outcome = Outcome(False, now, self.started, error=exc, retries=self.attempt)
+        if not self.crashed:
+            self.apply(now, self.session.tick(now))
 
     # -- input ------------------------------------------------------------
-    def on_message(self, now: float, src: str, msg: Message) -> None:
-        if self.crashed or not self.active:
-            return  # buffered until a next call in reality, where it is stale
-        if src == SCHED:
-            self._on_scheduler(now, msg)
+    def on_message(self, now: float, src: str, msg: Any) -> None:
+        if self.crashed and src == SCHED:
             return
-        rid = getattr(msg, "round_id", None)
-        if rid in self.finished:
-            return
-        if self.rnd is None:
-            self.early.append(msg)
-            return
-        self._feed(now, msg)
-
-    def _on_scheduler(self, now: float, msg: Message) -> None:
-        if isinstance(msg, SignupAck):
-            self.acked = True
-        elif isinstance(msg, Assignment):
-            if self.rnd is not None or not self.acked or msg.round_id in self.finished:
-                return
-            self._accept(now, msg)
-        elif isinstance(msg, Rejoin):
-            if self.rnd is None and (self.acked or now - self.signup_sent > 5 * self.heartbeat):
-                self.send(SCHED, self.signup)
-                self.acked, self.signup_sent = False, now
-        elif isinstance(msg, Abort):
-            if self.assignment is not None and msg.round_id == self.assignment.round_id:
-                self._fail(now, RoundAbortedError(msg.reason))
-            else:
-                self.finished.add(msg.round_id)
-        elif isinstance(msg, SignupRejected):
-            self._fail(now, SignupRejectedError(msg.reason))
-
-    def _accept(self, now: float, msg: Assignment) -> None:
-        tree = AggregationTree.from_wire(msg.tree, msg.group_size, msg.num_actors)
-        schema = self.schema
-        self.assignment, self.assigned_at = msg, now
-        self.rnd = PeerRound(
-            self.pid,
-            msg.round_id,
-            tree,
-            encode(self.state, schema, 1.0 / msg.total_weight),
-            lambda total: decode_total(total, schema),
-            schema.result_nbytes,
-            self.sim.rng.randbytes,
-        )
-        self.sim.on_assignment(self, tree)
-        if self.crashed:
-            return
-        for send in self.rnd.start():
-            self.send(send.to, send.message)
-        early, self.early = self.early, []
-        for m in early:
-            if self.rnd is not None and getattr(m, "round_id", None) == msg.round_id:
-                self._feed(now, m)
-
-    def _feed(self, now: float, msg: Message) -> None:
-        assert self.rnd is not None and self.assignment is not None
         try:
-            sends = self.rnd.receive(msg)
+            if src == SCHED:
+                if isinstance(msg, Assignment) and self.session.state is State.QUEUED:
+                    tree = AggregationTree.from_wire(msg.tree, msg.group_size, msg.num_actors)
+                    self.sim.on_assignment(self, tree)
+                    if self.crashed:
+                        return
+                outputs = self.session.receive_scheduler(msg, now)
+            else:
+                outputs = self.session.receive_peer(self.wire.parse(msg.frames), now)
         except RemoteProtocolError:
-            return  # a duplicate, or a message of another round: dropped
-        for send in sends:
-            self.send(send.to, send.message)
-        if self.rnd.done and not self.crashed:
-            rnd, asg = self.rnd, self.assignment
-            result = decode_result(rnd.result, self.schema)  # type: ignore[arg-type]
-            self.finished.add(asg.round_id)
-            self.send(SCHED, Done(asg.round_id, self.pid, now - self.assigned_at, 0, 0))
-            self.active, self.rnd, self.assignment = False, None, None
-            members = tuple(sorted(m[0] for m in asg.members))
-            self.outcome = Outcome(True, now, self.started, result, members, retries=self.attempt)
+            return  # a duplicate, a stale message, or one of another round: dropped
+        if not self.crashed:
+            self.apply(now, outputs)
 
 
 @dataclass(order=True)
@@ -262,6 +186,7 @@ class _Event:
     src: str = field(compare=False)
     dst: str = field(compare=False)
     msg: Any = field(compare=False)
+    what: str = field(compare=False, default="")
 
 
 class FaultSim:
@@ -347,13 +272,13 @@ class FaultSim:
         )
 
     # -- the network ----------------------------------------------------------
-    def send(self, src: str, dst: str, msg: Message) -> None:
+    def send(self, src: str, dst: str, msg: Any, what: str) -> None:
         peer = self.peers.get(src)
         if peer is not None and peer.crashed:
             return
         at = self.now + self.rng.uniform(0.001, 0.02)
         copies = 1
-        if peer is not None and self._hits("send", msg.TYPE, src):
+        if peer is not None and self._hits("send", what, src):
             assert self.fault is not None
             self.fault_used = True
             if self.fault.kind == "crash":
@@ -366,15 +291,16 @@ class FaultSim:
             if self.fault.kind == "duplicate":
                 copies = 2
         for _ in range(copies):
-            self._push(at, src, dst, msg)
+            self._push(at, src, dst, msg, what)
 
-    def _push(self, at: float, src: str, dst: str, msg: Message) -> None:
+    def _push(self, at: float, src: str, dst: str, msg: Any, what: str) -> None:
         # Peer links are per round: a peer closes its connections of a failed round.
-        link = (src, dst, "" if SCHED in (src, dst) else getattr(msg, "round_id", ""))
+        rnd = self.peers[src].session.round if src in self.peers else None
+        link = (src, dst, "" if SCHED in (src, dst) or rnd is None else rnd.assignment.round_id)
         at = max(at, self._link_clock.get(link, 0.0))
         self._link_clock[link] = at
         self._seq += 1
-        heapq.heappush(self.events, _Event(at, self._seq, src, dst, msg))
+        heapq.heappush(self.events, _Event(at, self._seq, src, dst, msg, what))
 
     def _deliver(self, ev: _Event) -> None:
         if ev.dst == SCHED:
@@ -385,11 +311,7 @@ class FaultSim:
             self._sched_out(out)
             return
         peer = self.peers[ev.dst]
-        if (
-            ev.msg.TYPE != "assignment"
-            and not peer.crashed
-            and self._hits("recv", ev.msg.TYPE, ev.dst)
-        ):
+        if ev.what != "assignment" and not peer.crashed and self._hits("recv", ev.what, ev.dst):
             assert self.fault is not None
             if self.fault.kind == "crash":
                 # e.g. an actor dies while it handles a share: it held shares, and
@@ -406,13 +328,14 @@ class FaultSim:
             dst = item.conn.decode()
             if self.peers[dst].crashed:
                 continue  # ROUTER_MANDATORY would not notice a dead TCP peer at once either
-            self._push(self.now + self.rng.uniform(0.001, 0.02), SCHED, dst, item.message)
+            msg = item.message
+            self._push(self.now + self.rng.uniform(0.001, 0.02), SCHED, dst, msg, msg.TYPE)
 
     # -- the run ------------------------------------------------------------
     def run(self, horizon: float = 10_000.0) -> dict[str, Outcome | None]:
         for i, peer in enumerate(self.peers.values()):
             self.now = i * 0.01
-            peer.start_attempt(self.now)
+            peer.start(self.now)
         while True:
             candidates: list[tuple[float, str]] = []
             if self.events:

@@ -20,7 +20,6 @@ is reached exactly, so the bound cannot be tightened by a constant factor.
 
 from __future__ import annotations
 
-import logging
 import random
 
 import numpy as np
@@ -33,6 +32,7 @@ from lightning_secagg import codec
 from lightning_secagg.deadlines import DEFAULT_POLICY
 from lightning_secagg.encoding import (
     COMPACT_MAX_PEERS,
+    DEFAULT_FRAC_BITS,
     ENCODE_CHUNK,
     MAX_EXPONENT,
     MIN_EXPONENT,
@@ -52,11 +52,13 @@ from lightning_secagg.errors import (
     RemoteProtocolError,
 )
 from lightning_secagg.messages import Assignment, Done, Share, Signup, SignupAck
-from lightning_secagg.peer import Peer
+from lightning_secagg.peer import Peer, make_contribution
 from lightning_secagg.protocol.peer_round import PeerRound
+from lightning_secagg.protocol.peer_session import PeerSession, State, check_relayed_ring
 from lightning_secagg.protocol.scheduler_state import Outgoing, SchedulerState
 from lightning_secagg.sharing import add_expanded_seed, draw_seeds, mask
 from lightning_secagg.tree import AggregationTree, build_tree
+from lightning_secagg.wire import PlainWire
 from tests.unit.memnet import MemNet, seeded_bytes, weighted_mean
 from tests.unit.test_encoding import sample  # one sampler for both suites
 
@@ -996,8 +998,9 @@ def test_through_the_scheduler_with_peers_checking_the_ring():
     peers, vectors = {}, []
     for i in range(n):
         pid = f"p{i}"
-        plan = make_peer(pid)._ring_plan(wired[pid], schema, own[i], len(a.members))
-        assert plan == RingPlan.compact(schema, a.exponents)
+        w = wired[pid]
+        assert check_relayed_ring(schema, w.ring_bits, w.exponents, own[i], len(w.members)) is None
+        plan = RingPlan.compact(schema, a.exponents)
         tree = AggregationTree.from_wire(a.tree, a.group_size, a.num_actors)
         vector = encode(sds[i], schema, weights[i] / a.total_weight, plan=plan)
         vectors.append(vector.copy())
@@ -1014,7 +1017,7 @@ def test_through_the_scheduler_with_peers_checking_the_ring():
     assert state.completed_rounds == 1
 
 
-# -- Peer._ring_plan: the peer checks the scheduler's choice ---------------------------------
+# -- check_relayed_ring: the peer checks the scheduler's choice ---------------------------------
 
 PEER_SD = {
     "w": torch.tensor([3.0, -1.0]),
@@ -1041,22 +1044,31 @@ def test_peer_ring_option():
         make_peer(ring="32")
 
 
+def session_for(ring: str = "auto") -> PeerSession:
+    """A queued :class:`PeerSession` of "me" with PEER_SD, as ``Peer`` would drive it."""
+    session = PeerSession(
+        "me", "default", "tcp://127.0.0.1:7100", "", PlainWire(),
+        random_bytes=seeded_bytes(0), frac_bits=DEFAULT_FRAC_BITS,
+    )  # fmt: skip
+    session.begin(make_contribution(PEER_SD, 1.0, ring=ring), 0.0, timeout=60.0)
+    session.receive_scheduler(SignupAck("default", "me", 1), 0.0)
+    return session
+
+
+def own_exponents(ring: str) -> list[int] | None:
+    """What a peer declares (and checks relayed exponents against)."""
+    return PEER_EXPS if ring == "auto" else None
+
+
 @pytest.mark.parametrize("ring", ["auto", "64"])
-def test_peer_always_accepts_the_64_bit_ring(ring, caplog):
-    with caplog.at_level(logging.WARNING, logger="lightning_secagg.peer"):
-        plan = make_peer(ring=ring)._ring_plan(assignment(64, None), PEER_SCHEMA, PEER_EXPS, 3)
-    assert plan == RingPlan.wide(PEER_SCHEMA)
-    assert caplog.records == []
+def test_peer_always_accepts_the_64_bit_ring(ring):
+    assert check_relayed_ring(PEER_SCHEMA, 64, None, own_exponents(ring), 3) is None
 
 
 @pytest.mark.parametrize("relayed", [[2, 4, 1], [10, 4, 1], [2, 7, 1], [29, 18, 1]])
-def test_peer_accepts_a_safe_compact_ring_with_the_relayed_exponents(relayed, caplog):
+def test_peer_accepts_a_safe_compact_ring_with_the_relayed_exponents(relayed):
     assert PEER_EXPS == [2, 4, 1]
-    with caplog.at_level(logging.WARNING, logger="lightning_secagg.peer"):
-        plan = make_peer()._ring_plan(assignment(32, relayed), PEER_SCHEMA, PEER_EXPS, 3)
-    assert plan == RingPlan.compact(PEER_SCHEMA, relayed)  # the round's, not this peer's own
-    assert plan.ring_bits == 32
-    assert caplog.records == []
+    assert check_relayed_ring(PEER_SCHEMA, 32, relayed, PEER_EXPS, 3) is None
 
 
 REFUSALS = [
@@ -1081,35 +1093,27 @@ REFUSALS = [
 
 
 @pytest.mark.parametrize(("ring", "relayed", "n", "schema", "problem"), REFUSALS)
-def test_peer_ignores_an_unsafe_compact_ring(ring, relayed, n, schema, problem, caplog):
-    with caplog.at_level(logging.WARNING, logger="lightning_secagg.peer"):
-        plan = make_peer(ring=ring)._ring_plan(assignment(32, relayed), schema, PEER_EXPS, n)
-    assert plan is None
-    messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 1, messages
-    assert "ignoring assignment round-9: the 32-bit ring is not safe" in messages[0]
-    assert problem in messages[0]
+def test_peer_ignores_an_unsafe_compact_ring(ring, relayed, n, schema, problem):
+    found = check_relayed_ring(schema, 32, relayed, own_exponents(ring), n)
+    assert found is not None and problem in found
 
 
-def test_a_refused_ring_means_the_assignment_is_not_joined(caplog):
-    peer = make_peer()
-    sent = []
-    peer._deliver = lambda rnd, sends: sent.extend(sends)  # no sockets in this test
+def test_a_refused_ring_means_the_assignment_is_not_joined():
     # Four peers: "me" is no actor of the (root) group, so it splits and sends.
     four = assignment(32, [2, 4, 1], n=4)
     assert "me" not in four.tree[0][0][1]
-    ok = peer._accept_assignment(four, PEER_SD, 1.0, PEER_SCHEMA, PEER_EXPS, None)
-    assert ok is not None
-    assert ok.state.dtype == U32
-    assert 1 + sum(seg.size - 1 for seg in ok.state.segments) == PEER_SCHEMA.vector_size
-    assert sent  # its level-0 shares went out
-    wide = make_peer()
-    wide._deliver = lambda rnd, sends: None
-    rnd = wide._accept_assignment(assignment(64, None), PEER_SD, 1.0, PEER_SCHEMA, PEER_EXPS, None)
-    assert rnd is not None and rnd.state.dtype == np.dtype("<u8")
-    refused = make_peer()
-    refused._deliver = lambda rnd, sends: pytest.fail("a refused round must send nothing")
-    with caplog.at_level(logging.WARNING, logger="lightning_secagg.peer"):
-        low = assignment(32, [2, 3, 1])
-        assert refused._accept_assignment(low, PEER_SD, 1.0, PEER_SCHEMA, PEER_EXPS, None) is None
-    assert "below this peer's own" in caplog.text
+    session = session_for()
+    sent = session.receive_scheduler(four, 1.0)
+    assert session.state is State.IN_ROUND
+    rnd = session.round
+    assert rnd is not None and rnd.state.dtype == U32
+    assert 1 + sum(seg.size - 1 for seg in rnd.state.segments) == PEER_SCHEMA.vector_size
+    assert [t.what for t in sent] == ["share", "share"]  # its level-0 shares went out
+    wide = session_for()
+    wide.receive_scheduler(assignment(64, None), 1.0)
+    assert wide.round is not None and wide.round.state.dtype == np.dtype("<u8")
+    for ring, low in (("auto", assignment(32, [2, 3, 1])), ("64", assignment(32, [2, 4, 1]))):
+        refused = session_for(ring)
+        with pytest.raises(RemoteProtocolError, match="the 32-bit ring is not safe"):
+            refused.receive_scheduler(low, 1.0)
+        assert refused.state is State.QUEUED and refused.round is None  # nothing sent, unchanged

@@ -30,6 +30,7 @@ from lightning_secagg.messages import (
     Signup,
 )
 from lightning_secagg.protocol.scheduler_state import SchedulerState
+from lightning_secagg.wire import PlainWire
 
 from ._faultnet import Fault, FaultSim
 
@@ -212,11 +213,13 @@ def test_a_retry_uses_a_fresh_round_tree_and_fresh_shares():
     rounds: dict[str, set[str]] = {}
     send = sim.send
 
-    def spy(src, dst, msg):
-        if isinstance(msg, Share) and msg.seed is not None:
-            seeds.setdefault(src, []).append(msg.seed)
-            rounds.setdefault(src, set()).add(msg.round_id)
-        send(src, dst, msg)
+    def spy(src, dst, msg, what):
+        if what == "share":  # round traffic travels as wire frames: read them as a peer does
+            share = PlainWire.parse(msg.frames).message
+            if isinstance(share, Share) and share.seed is not None:
+                seeds.setdefault(src, []).append(share.seed)
+                rounds.setdefault(src, set()).add(share.round_id)
+        send(src, dst, msg, what)
 
     sim.send = spy
     outcomes = sim.run()

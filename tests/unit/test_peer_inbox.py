@@ -1,7 +1,8 @@
 """The peer's inbox before a round: what it reads, what it keeps, and the bounds on both.
 
-Real sockets on loopback, but no scheduler and no round: ``_recv_peer`` and
-``_keep_early`` are driven directly, so every byte count is exact.
+Real sockets on loopback, but no scheduler and no round: the shell's
+``_recv_peer`` and the session's ``receive_peer`` (which keeps what belongs to a
+round it is not assigned yet) are driven directly, so every byte count is exact.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 import zmq
 
 from lightning_secagg import KeyPair, Peer
+from lightning_secagg.protocol.peer_session import MAX_EARLY_MESSAGES, result_slot
 from lightning_secagg.sealing import Envelope
 
 pytestmark = pytest.mark.timeout(30)
@@ -78,55 +80,54 @@ def test_anything_but_an_envelope_is_dropped_as_malformed(peer, sender, frames, 
 
 
 def test_early_messages_are_bounded_in_bytes_oldest_dropped_first(peer, sender, caplog):
-    peer._early_budget = 1000
+    session = peer._session
+    session._early_budget = 1000
     sizes = []
-    with caplog.at_level(logging.WARNING, logger="lightning_secagg.peer"):
+    with caplog.at_level(logging.WARNING, logger="lightning_secagg"):
         for i in range(5):
             envelope = Envelope("r9", f"s{i}", 0, 1).pack()
             sender.send_multipart([envelope, b"z" * 300])
-            peer._keep_early(receive(peer))
+            assert session.receive_peer(receive(peer), 0.0) == []
             sizes.append(len(envelope) + 300)
-    kept = [item.sender for _, item, _ in peer._early]
+    kept = [item.sender for item in session.early]
     assert kept == ["s2", "s3", "s4"]  # three fit in 1000 bytes, the two oldest went
-    assert peer._early_bytes == sum(sizes[2:]) <= 1000
+    assert session.early_bytes == sum(sizes[2:]) <= 1000
     assert caplog.text.count("dropped an early message") == 2
 
 
 def test_early_messages_are_bounded_in_number(peer, sender):
-    peer._early_budget = 1 << 30
-    maxlen = peer._early.maxlen
+    session = peer._session
+    session._early_budget = 1 << 30
+    maxlen = MAX_EARLY_MESSAGES
     for i in range(maxlen + 5):
         sender.send_multipart([Envelope("r9", f"s{i}", 0, 1).pack(), b"z"])
-        peer._keep_early(receive(peer))
-    assert len(peer._early) == maxlen
-    assert peer._early[0][1].sender == "s5"
-    assert peer._early_bytes == sum(size for _, _, size in peer._early)
+        session.receive_peer(receive(peer), 0.0)
+    assert len(session.early) == maxlen
+    assert session.early[0].sender == "s5"
+    assert session.early_bytes == sum(item.nbytes for item in session.early)
 
 
 def test_result_payloads_are_opened_into_the_round_result_buffer():
-    """``Peer._result_slot`` (the ``place`` of ``Link.open_message``) reads the
+    """``result_slot`` (the ``place`` of ``Link.open_message``) reads the
     authenticated header and offers a result segment's slice of the round's
     buffer only for a result the round waits for, from the sender the seal names."""
-    from types import SimpleNamespace
-
     from lightning_secagg import codec
     from lightning_secagg.messages import Share
     from tests.unit.test_segmented_round import result_setup
 
     setup, net, leaf = result_setup()
     state = setup.peers[leaf]
-    rnd = SimpleNamespace(state=state)
     m = next(x.message for x in net.pending if x.to == leaf)
     header = codec.decode_header(codec.encode(m)[0])
     n = m.payload.nbytes
     lo, _ = setup.spans[m.segment]
-    slot = Peer._result_slot(rnd, m.sender, header, n)
+    slot = result_slot(state, m.sender, header, n)
     assert slot is not None and slot.ctypes.data == state.buffer[lo:].ctypes.data
     # The seal's sender must be the header's; other types get a buffer of their own.
-    assert Peer._result_slot(rnd, "someone-else", header, n) is None
+    assert result_slot(state, "someone-else", header, n) is None
     share = Share("r1", 0, 0, m.sender, None, m.payload, m.segment)
-    assert Peer._result_slot(rnd, m.sender, codec.decode_header(codec.encode(share)[0]), n) is None
-    assert Peer._result_slot(rnd, m.sender, {**header, "segment": "0"}, n) is None
+    assert result_slot(state, m.sender, codec.decode_header(codec.encode(share)[0]), n) is None
+    assert result_slot(state, m.sender, {**header, "segment": "0"}, n) is None
 
 
 def test_inbox_limit_checked_once_per_model_and_a_refusal_every_time(peer, monkeypatch):
