@@ -531,12 +531,6 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             return False
         return self.on_failure == "keep_local"
 
-    def _should_retry(self, error: BaseException, attempt: int) -> bool:
-        """Whether attempt ``attempt`` (0-based) that failed with ``error`` is retried."""
-        from lightning_secagg.peer import is_retryable
-
-        return self.on_failure == "retry" and attempt < self.max_retries and is_retryable(error)
-
     def _aggregate_on_rank_zero(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> _RoundOutcome:
@@ -549,24 +543,27 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         weight = self.round_weight(trainer, pl_module)
         started = time.perf_counter()
         failures: list[str] = []
-        attempt = 0
-        while True:
-            try:
-                averaged = self._peer.aggregate(local, weight=weight, timeout=self.round_timeout)
-                break
-            except RoundFailedError as exc:
-                if not self._should_retry(exc, attempt):
-                    raise
-                attempt += 1
-                failures.append(f"{type(exc).__name__}: {exc}")
-                log.warning(
-                    "secure aggregation round failed (%s: %s); signing up again with the peers"
-                    " still alive (retry %d/%d)",
-                    type(exc).__name__,
-                    exc,
-                    attempt,
-                    self.max_retries,
-                )
+
+        def on_retry(exc: RoundFailedError, attempt: int) -> None:
+            failures.append(f"{type(exc).__name__}: {exc}")
+            log.warning(
+                "secure aggregation round failed (%s: %s); signing up again with the peers"
+                " still alive (retry %d/%d)",
+                type(exc).__name__,
+                exc,
+                attempt,
+                self.max_retries,
+            )
+
+        # The peer's retry loop (one home for the rule of what is retried).
+        averaged = self._peer.aggregate_with_retry(
+            local,
+            weight=weight,
+            timeout=self.round_timeout,
+            max_retries=self.max_retries if self.on_failure == "retry" else 0,
+            on_retry=on_retry,
+        )
+        attempt = len(failures)
         elapsed = time.perf_counter() - started
         raw_stats = self._peer.last_stats
         stats = _stats_to_dict(raw_stats)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from lightning_secagg import Peer
+from lightning_secagg.protocol.peer_session import PeerSession
 from tests.integration._peer_worker import make_state
 
 FINISHED_ROUND_LOG = "peer %s ignores a message of finished round"
@@ -53,14 +54,14 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     # Round traffic of a finished round is ignored with a debug line: let exactly
     # that line through too, so the test can count it like a drop.
-    logging.getLogger("lightning_secagg.peer").setLevel(logging.DEBUG)
+    logging.getLogger("lightning_secagg.protocol.peer_session").setLevel(logging.DEBUG)
     logging.getLogger().handlers[0].addFilter(
         lambda r: r.levelno >= logging.WARNING or str(r.msg).startswith(FINISHED_ROUND_LOG)
     )
     stall = {"seconds": 0.0}
-    original = Peer._accept_assignment
+    original = PeerSession._on_assignment
 
-    def accept_assignment(self: Peer, msg: Any, *rest: Any) -> Any:
+    def accept_assignment(self: PeerSession, msg: Any, *rest: Any) -> Any:
         emit(
             "ASSIGNED",
             {
@@ -76,7 +77,7 @@ def main() -> int:
             time.sleep(stall["seconds"])  # a slow member: its shares come last
         return original(self, msg, *rest)
 
-    Peer._accept_assignment = accept_assignment  # type: ignore[method-assign]
+    PeerSession._on_assignment = accept_assignment  # type: ignore[method-assign]
     peer = Peer(
         f"tcp://127.0.0.1:{args.port}",
         args.scheduler,

@@ -52,7 +52,7 @@ import torch
 import zmq
 import zmq.utils.monitor
 
-import lightning_secagg.peer as peer_module
+import lightning_secagg.wire as wire_module
 from lightning_secagg import KeyPair, Peer
 from lightning_secagg.codec import MAX_HEADER_BYTES, encode
 from lightning_secagg.encoding import Schema
@@ -912,7 +912,7 @@ def test_registered_non_member_cannot_deliver_shares(cluster, monkeypatch):
             super().__init__()
             other_keys.append(self)
 
-    monkeypatch.setattr(peer_module, "RoundKey", RecordedRoundKey)
+    monkeypatch.setattr(wire_module, "RoundKey", RecordedRoundKey)
     peers = [
         Peer(
             "tcp://127.0.0.1:0",

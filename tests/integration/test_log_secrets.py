@@ -29,7 +29,7 @@ import torch
 import zmq
 
 import lightning_secagg.codec as codec_module
-import lightning_secagg.peer as peer_module
+import lightning_secagg.wire as wire_module
 from lightning_secagg import KeyPair, Peer, RoundTimeoutError, Scheduler
 from lightning_secagg.codec import encode
 from lightning_secagg.messages import Message, Partial, Share
@@ -104,7 +104,7 @@ def test_debug_logs_of_a_round_hold_no_secret():
         return data
 
     codec_module.encode = recording_encode  # type: ignore[assignment]
-    peer_module.RoundKey = RecordingRoundKey  # type: ignore[misc]
+    wire_module.RoundKey = RecordingRoundKey  # type: ignore[misc]
     peer_keys = [KeyPair.generate() for _ in range(N_PEERS + 1)]
     sched_keys = KeyPair.generate()
     results: list[Any] = [None] * (N_PEERS + 1)
@@ -154,7 +154,7 @@ def test_debug_logs_of_a_round_hold_no_secret():
                 assert not t.is_alive(), "a peer hung"
     finally:
         codec_module.encode = original_encode  # type: ignore[assignment]
-        peer_module.RoundKey = RoundKey  # type: ignore[misc]
+        wire_module.RoundKey = RoundKey  # type: ignore[misc]
         logger.removeHandler(handler)
         logger.setLevel(old_level)
 

@@ -23,9 +23,11 @@ from lightning_secagg.errors import (
     ConfigurationError,
     EncodingError,
     RoundAbortedError,
+    RoundFailedError,
     RoundTimeoutError,
     SchemaMismatchError,
 )
+from lightning_secagg.protocol.peer_session import is_retryable
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers.*",
@@ -89,6 +91,28 @@ class FakePeer:
                 out[name] = tensor.clone()
         self.last_stats = _Stats(f"r{len(self.calls)}", 0.5, 1000, 2000, 6, ("participant",))
         return out
+
+    def aggregate_with_retry(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        weight: float = 1.0,
+        timeout: float = 60.0,
+        max_retries: int = 2,
+        *,
+        on_retry: Any = None,
+    ) -> dict[str, torch.Tensor]:
+        # The real loop is the session's (tests/unit/test_peer_session.py); this one
+        # keeps to its contract: the same rule, the hook before each retry.
+        self.max_retries_asked = max_retries
+        for attempt in range(max_retries + 1):
+            try:
+                return self.aggregate(state_dict, weight, timeout)
+            except RoundFailedError as exc:
+                if not is_retryable(exc) or attempt == max_retries:
+                    raise
+                if on_retry is not None:
+                    on_retry(exc, attempt + 1)
+        raise AssertionError("unreachable")
 
 
 class FakeCallback(SecureAggregationCallback):
