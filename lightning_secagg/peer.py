@@ -33,19 +33,7 @@ import zmq
 
 from lightning_secagg import codec
 from lightning_secagg.deadlines import describe_phase, phase_deadline
-from lightning_secagg.encoding import (
-    DEFAULT_FRAC_BITS,
-    RingPlan,
-    Schema,
-    compact_ring_allowed,
-    decode_result,
-    decode_total,
-    encode,
-    exponents_to_declare,
-    magnitude_exponents,
-    result_span,
-    segment_bounds,
-)
+from lightning_secagg.encoding import decode_result, decode_total, encode, magnitude_exponents
 from lightning_secagg.errors import (
     ConfigurationError,
     InvalidTotalError,
@@ -75,7 +63,15 @@ from lightning_secagg.messages import (
     ident,
 )
 from lightning_secagg.protocol.peer_round import Send
-from lightning_secagg.protocol.segmented_round import SegmentedRound, segment_elements_for
+from lightning_secagg.protocol.segmented_round import SegmentedRound
+from lightning_secagg.ring import RingPlan, compact_ring_allowed, exponents_to_declare
+from lightning_secagg.schema import (
+    DEFAULT_FRAC_BITS,
+    Schema,
+    result_span,
+    segment_bounds,
+    segment_elements_for,
+)
 from lightning_secagg.sealing import CHUNK_BYTES, TAG_BYTES, Envelope, Link, RoundKey, SealedBlob
 from lightning_secagg.security import (
     KeyPair,
@@ -780,11 +776,8 @@ class Peer:
             stats.bytes_sent,
             stats.bytes_received,
         )
-        # The result is the round's own buffer (received slices copied in, or our
-        # decoding); sealed, every copy sent on was encrypted from it already. On
-        # insecure links a root actor's decoded slices may still sit in ZeroMQ's
-        # send queues, so the caller gets a copy.
-        return decode_result(result, schema, adopt=bool(rnd.links))
+        # Every tensor is copied out of the round's buffer into a storage of its own.
+        return decode_result(result, schema)
 
     def _step(self, rnd: _Round, call: Callable[[], list[Send]]) -> list[Send]:
         """Run one step of the round and note when each segment it shared went out."""

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from lightning_secagg.deadlines import phase_deadline
-from lightning_secagg.encoding import Schema, decode_result, decode_total, encode
+from lightning_secagg.encoding import decode_result, decode_total, encode
 from lightning_secagg.errors import (
     RemoteProtocolError,
     RoundAbortedError,
@@ -51,6 +51,7 @@ from lightning_secagg.messages import (
 from lightning_secagg.peer import is_retryable
 from lightning_secagg.protocol.peer_round import PeerRound, designated_actor
 from lightning_secagg.protocol.scheduler_state import SchedulerState
+from lightning_secagg.schema import Schema
 from lightning_secagg.tree import AggregationTree
 
 SCHED = "scheduler"

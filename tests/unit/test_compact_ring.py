@@ -32,18 +32,13 @@ from hypothesis import strategies as st
 from lightning_secagg import codec
 from lightning_secagg.deadlines import DEFAULT_POLICY
 from lightning_secagg.encoding import (
-    COMPACT_MAX_PEERS,
     ENCODE_CHUNK,
-    MAX_EXPONENT,
-    MIN_EXPONENT,
-    RingPlan,
-    Schema,
     check_values,
-    compact_ring_allowed,
     decode_result,
     decode_total,
     encode,
     magnitude_exponents,
+    torch_dtype,
 )
 from lightning_secagg.errors import (
     ConfigurationError,
@@ -55,6 +50,15 @@ from lightning_secagg.messages import Assignment, Done, Share, Signup, SignupAck
 from lightning_secagg.peer import Peer
 from lightning_secagg.protocol.peer_round import PeerRound
 from lightning_secagg.protocol.scheduler_state import Outgoing, SchedulerState
+from lightning_secagg.ring import (
+    COMPACT_MAX_PEERS,
+    MAX_EXPONENT,
+    MIN_EXPONENT,
+    RingPlan,
+    compact_ring_allowed,
+    relayed_exponents,
+)
+from lightning_secagg.schema import Schema
 from lightning_secagg.sharing import add_expanded_seed, draw_seeds, mask
 from lightning_secagg.tree import AggregationTree, build_tree
 from tests.unit.memnet import MemNet, seeded_bytes, weighted_mean
@@ -67,9 +71,10 @@ MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 
 
 def exponents_of(state_dicts) -> list[int]:
-    """The per-tensor maximum of every peer's declared exponents, as the scheduler relays it."""
-    each = [magnitude_exponents(sd) for sd in state_dicts]
-    return [max(column) for column in zip(*each, strict=True)]
+    """The exponents the scheduler relays when every peer declares its own."""
+    relayed = relayed_exponents([magnitude_exponents(sd) for sd in state_dicts])
+    assert relayed is not None
+    return relayed
 
 
 def ring_sum(vectors: list[np.ndarray]) -> np.ndarray:
@@ -453,7 +458,7 @@ def test_tensors_larger_than_one_chunk_decode_like_the_elementwise_formula():
         if spec.dtype == "int32":
             expected = torch.round(mean).to(torch.int32)
         else:
-            expected = mean.to(spec.torch_dtype)
+            expected = mean.to(torch_dtype(spec))
         assert torch.equal(out[spec.name], expected), spec.name
         ref = weighted_mean(sds, weights, spec.name)
         assert bool(((mean - ref).abs() <= fixed_point_bound(n, e, ref.abs())).all())
@@ -564,7 +569,7 @@ def test_compact_ring_error_bound_and_exact_shares(case):
 
     out = decode_result(raw, schema)
     for spec, e in zip(schema.tensors, exps, strict=True):
-        dtype = spec.torch_dtype
+        dtype = torch_dtype(spec)
         result = out[spec.name]
         assert result.dtype == dtype and tuple(result.shape) == spec.shape
         if spec.numel == 0:

@@ -9,23 +9,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lightning_secagg.encoding import (
-    DEFAULT_FRAC_BITS,
-    Schema,
-    TensorSpec,
-    check_frac_bits,
-    check_values,
-    decode_result,
-    decode_total,
-    encode,
-    value_limit,
-)
+from lightning_secagg.encoding import check_values, decode_result, decode_total, encode
 from lightning_secagg.errors import (
     ConfigurationError,
     EncodingError,
     InvalidTotalError,
     RoundFailedError,
     SchemaMismatchError,
+)
+from lightning_secagg.schema import (
+    DEFAULT_FRAC_BITS,
+    Schema,
+    TensorSpec,
+    check_frac_bits,
+    value_limit,
 )
 from tests.unit.memnet import cast_bound, fixed_point_bound, weighted_mean
 
@@ -245,21 +242,21 @@ def test_zero_count_slot_refused():
     assert isinstance(info.value, RoundFailedError)  # retryable, not a local encoding error
 
 
-def test_decode_result_adopts_only_a_writable_byte_array_when_asked():
+def test_decode_result_never_shares_the_buffer():
     schema = Schema.of({"a": torch.zeros(3), "b": torch.zeros(2, dtype=torch.int64)})
     buf = np.zeros(schema.result_nbytes, dtype=np.uint8)
-    adopted = decode_result(buf, schema, adopt=True)
     buf[:4] = np.frombuffer(np.float32(1.5).tobytes(), dtype=np.uint8)
-    assert adopted["a"][0].item() == 1.5  # a view of the buffer: no copy was made
-    copied = decode_result(buf, schema)
+    out = decode_result(buf, schema)
     buf[:4] = 0
-    assert copied["a"][0].item() == 1.5  # the default copies
+    assert out["a"][0].item() == 1.5  # copied: the buffer may be reused
+    out["a"][1] = 2.0
+    assert buf[4:8].tolist() == [0, 0, 0, 0]  # and writing the tensor leaves the buffer alone
     frozen = np.zeros(schema.result_nbytes, dtype=np.uint8)
     frozen.flags.writeable = False
-    safe = decode_result(frozen, schema, adopt=True)
-    safe["a"][0] = 2.0  # writable tensors even from a read-only buffer: it was copied
+    safe = decode_result(frozen, schema)
+    safe["a"][0] = 2.0  # writable tensors even from a read-only buffer
     assert frozen[:4].tolist() == [0, 0, 0, 0]
-    assert decode_result(bytes(schema.result_nbytes), schema, adopt=True)["b"].tolist() == [0, 0]
+    assert decode_result(bytes(schema.result_nbytes), schema)["b"].tolist() == [0, 0]
 
 
 def test_decode_result_wrong_size_refused():
