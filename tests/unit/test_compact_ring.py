@@ -55,6 +55,7 @@ from lightning_secagg.ring import (
     MAX_EXPONENT,
     MIN_EXPONENT,
     RingPlan,
+    check_relayed_ring,
     compact_ring_allowed,
     relayed_exponents,
 )
@@ -1083,6 +1084,27 @@ REFUSALS = [
         "'w' is float64",
     ),
 ]
+
+
+@pytest.mark.parametrize(("ring", "relayed", "n", "schema", "problem"), REFUSALS)
+def test_check_relayed_ring_names_the_problem(ring, relayed, n, schema, problem):
+    """The rule the peer's check applies, in its one home (the same table as the peer's)."""
+    found = check_relayed_ring(schema, 32, relayed, PEER_EXPS, n, compact_wanted=ring == "auto")
+    assert found is not None and problem in found
+
+
+@pytest.mark.parametrize("ring", ["auto", "64"])
+def test_check_relayed_ring_accepts_the_64_bit_ring_always(ring):
+    wanted = ring == "auto"
+    for relayed in (None, [2, 4, 1], [0, 0, 0]):
+        found = check_relayed_ring(PEER_SCHEMA, 64, relayed, PEER_EXPS, 3, compact_wanted=wanted)
+        assert found is None
+    assert check_relayed_ring(PEER_SCHEMA, 16, None, PEER_EXPS, 3, compact_wanted=True) is not None
+
+
+@pytest.mark.parametrize("relayed", [[2, 4, 1], [10, 4, 1], [2, 7, 1], [29, 18, 1]])
+def test_check_relayed_ring_accepts_a_safe_compact_ring(relayed):
+    assert check_relayed_ring(PEER_SCHEMA, 32, relayed, PEER_EXPS, 3, compact_wanted=True) is None
 
 
 @pytest.mark.parametrize(("ring", "relayed", "n", "schema", "problem"), REFUSALS)

@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lightning_secagg.encoding import check_values, decode_result, decode_total, encode
+from lightning_secagg.encoding import (
+    TORCH_DTYPES,
+    check_values,
+    decode_result,
+    decode_total,
+    encode,
+    torch_dtype,
+)
 from lightning_secagg.errors import (
     ConfigurationError,
     EncodingError,
@@ -19,6 +26,8 @@ from lightning_secagg.errors import (
 )
 from lightning_secagg.schema import (
     DEFAULT_FRAC_BITS,
+    DTYPE_ITEMSIZE,
+    FLOAT_DTYPE_NAMES,
     Schema,
     TensorSpec,
     check_frac_bits,
@@ -482,3 +491,13 @@ def test_ring_sum_is_order_independent_and_wraps():
     assert np.array_equal(ring_sum([a, b]), ring_sum([b, a]))
     out = decode_result(decode_total(ring_sum([a, b]), schema), schema)["w"]
     assert out.tolist() == [-0.5, 0.0]
+
+
+def test_the_torch_dtypes_are_the_schemas_dtypes():
+    """The torch edge knows exactly the dtype names a torch-free schema may hold, at their sizes."""
+    assert list(TORCH_DTYPES) == list(DTYPE_ITEMSIZE)
+    for name, dtype in TORCH_DTYPES.items():
+        assert dtype.itemsize == DTYPE_ITEMSIZE[name]
+        assert dtype.is_floating_point == (name in FLOAT_DTYPE_NAMES)
+        spec = Schema.of({"t": torch.zeros(2, dtype=dtype)}).tensors[0]
+        assert (spec.dtype, spec.itemsize, torch_dtype(spec)) == (name, dtype.itemsize, dtype)
