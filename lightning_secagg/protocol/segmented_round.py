@@ -136,8 +136,8 @@ class SegmentedRound:
         lo, hi = self._spans[k]
         # A root actor decodes straight into its slice of the result buffer. The
         # closure holds the slice, not ``self``: a cycle through this object would
-        # keep every round's result buffer alive until the garbage collector's
-        # next full pass (the caller's tensors are views of it).
+        # keep every round's model-sized result buffer alive until the garbage
+        # collector's next full pass.
         out = self.buffer[lo:hi]
 
         def decode(total: np.ndarray) -> np.ndarray:
