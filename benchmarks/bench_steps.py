@@ -42,15 +42,10 @@ def main() -> None:
 
     from examples.mnist.model import MNISTNet
     from lightning_secagg.codec import encode as to_frames
-    from lightning_secagg.encoding import (
-        RingPlan,
-        Schema,
-        decode_result,
-        decode_total,
-        encode,
-        magnitude_exponents,
-    )
+    from lightning_secagg.encoding import decode_result, decode_total, encode, magnitude_exponents
     from lightning_secagg.messages import Result, Share
+    from lightning_secagg.ring import RingPlan
+    from lightning_secagg.schema import Schema
     from lightning_secagg.sealing import Envelope, RoundKey, SealedBlob
     from lightning_secagg.sharing import add_expanded_seed, draw_seeds, mask
 

@@ -7,9 +7,9 @@ only the average, and every peer ends with the bitwise identical result.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from lightning_secagg.encoding import Schema
 from lightning_secagg.errors import (
     ConfigurationError,
     EncodingError,
@@ -22,13 +22,26 @@ from lightning_secagg.errors import (
     SecAggError,
     SignupRejectedError,
 )
-from lightning_secagg.peer import Peer, RoundStats
-from lightning_secagg.scheduler import Scheduler
-from lightning_secagg.security import KeyPair
+from lightning_secagg.schema import Schema
 from lightning_secagg.tree import AggregationTree, build_tree
 
 if TYPE_CHECKING:
     from lightning_secagg.callback import SecureAggregationCallback
+    from lightning_secagg.peer import Peer, RoundStats
+    from lightning_secagg.scheduler import Scheduler
+    from lightning_secagg.security import KeyPair
+
+#: Public names loaded on first use, and their modules. Why lazily: the peer
+#: imports torch and the callback Lightning (seconds each), which a scheduler
+#: process (``import lightning_secagg.scheduler`` runs this file first) or the
+#: CLI never needs; ZeroMQ likewise for code that only describes a model.
+_LAZY = {
+    "Peer": "lightning_secagg.peer",
+    "RoundStats": "lightning_secagg.peer",
+    "Scheduler": "lightning_secagg.scheduler",
+    "KeyPair": "lightning_secagg.security",
+    "SecureAggregationCallback": "lightning_secagg.callback",
+}
 
 __version__ = "0.1.0"
 
@@ -56,9 +69,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # The callback imports Lightning, which is slow; load it only when asked for.
-    if name == "SecureAggregationCallback":
-        from lightning_secagg.callback import SecureAggregationCallback
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_secagg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return SecureAggregationCallback
-    raise AttributeError(f"module 'lightning_secagg' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -371,8 +371,8 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 f" found none in {type(pl_module).__name__}."
             )
         if trainer.is_global_zero and self._peer is None:
-            from lightning_secagg.encoding import Schema
             from lightning_secagg.peer import required_message_bytes
+            from lightning_secagg.schema import Schema
 
             # The model is known now: bound the inbox's frames to what its rounds
             # need, so a stranger cannot make this process buffer a huge frame.

@@ -41,6 +41,36 @@ _ENDPOINT_RE = re.compile(
 )
 
 
+#: The Z85 alphabet (ZeroMQ RFC 32), in digit order.
+Z85_ALPHABET = (
+    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
+)
+_Z85_DIGIT = {c: i for i, c in enumerate(Z85_ALPHABET)}
+#: Characters of a Z85 CurveZMQ key (32 bytes).
+Z85_KEY_LEN = 40
+
+
+def is_z85_key(value: object) -> bool:
+    """True for a 40-character Z85 text that decodes to a 32-byte key.
+
+    Pure Python, so that ``protocol/`` checks keys without importing ZeroMQ:
+    every character is in the alphabet and every group of five encodes a
+    value below ``2**32`` (ZeroMQ's decoder refuses the others too).
+    """
+    if not isinstance(value, str) or len(value) != Z85_KEY_LEN:
+        return False
+    for start in range(0, Z85_KEY_LEN, 5):
+        word = 0
+        for char in value[start : start + 5]:
+            digit = _Z85_DIGIT.get(char)
+            if digit is None:
+                return False
+            word = word * 85 + digit
+        if word >= 1 << 32:
+            return False
+    return True
+
+
 class HeaderError(ValueError):
     """A header field is missing, of the wrong type, or out of bounds."""
 

@@ -31,17 +31,7 @@ import torch
 import zmq
 
 from lightning_secagg import codec
-from lightning_secagg.encoding import (
-    DEFAULT_FRAC_BITS,
-    Schema,
-    decode_result,
-    decode_total,
-    encode,
-    exponents_to_declare,
-    magnitude_exponents,
-    result_span,
-    segment_bounds,
-)
+from lightning_secagg.encoding import decode_result, decode_total, encode, magnitude_exponents
 from lightning_secagg.errors import (
     ConfigurationError,
     LocalProtocolError,
@@ -57,7 +47,8 @@ from lightning_secagg.protocol.peer_session import (
     ToScheduler,
     is_retryable,  # noqa: F401 - part of this module's API since 0.1
 )
-from lightning_secagg.protocol.segmented_round import segment_elements_for
+from lightning_secagg.ring import exponents_to_declare
+from lightning_secagg.schema import DEFAULT_FRAC_BITS, Schema, result_span, round_segments
 from lightning_secagg.sealing import CHUNK_BYTES, TAG_BYTES
 from lightning_secagg.security import (
     KeyPair,
@@ -95,7 +86,7 @@ def required_message_bytes(schema: Schema, *, sealed: bool = True) -> int:
     tag, so the bound stops growing with the model; plaintext (``insecure``)
     payloads are one frame. The margin covers a header frame.
     """
-    bounds = segment_bounds(schema, segment_elements_for(schema.vector_size - 1))
+    bounds = round_segments(schema)
     largest = max(
         max(8 * (1 + b - a) for a, b in bounds),
         max(hi - lo for lo, hi in (result_span(schema, a, b) for a, b in bounds)),

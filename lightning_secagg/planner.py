@@ -9,8 +9,8 @@ is a different draw with the same shape (same depth, same group sizes).
 Rounds move the model through the tree in *segments*
 (:class:`~lightning_secagg.protocol.segmented_round.SegmentedRound`): the data
 elements are cut into runs of
-:func:`~lightning_secagg.protocol.segmented_round.segment_elements_for` the model
-(:func:`~lightning_secagg.encoding.segment_bounds`), and each segment is an
+:func:`~lightning_secagg.schema.segment_elements_for` the model
+(:func:`~lightning_secagg.schema.segment_bounds`), and each segment is an
 independent pass through the same tree, with its own shares, partial sums and
 result, every message naming its segment in its header.
 
@@ -23,7 +23,7 @@ vectors, and every message is then sized as the wire sizes it:
 :mod:`lightning_secagg.codec`) plus the payload the real segment would carry
 (``ring_bits / 8 * (1 + b - a)`` for a dense share or a partial sum of segment
 ``[a, b)``, its own count slot included; the segment's
-:func:`~lightning_secagg.encoding.result_span` for its result). Sealed, each
+:func:`~lightning_secagg.schema.result_span` for its result). Sealed, each
 message's payload is sealed in chunks of its own, and every message on a link
 has the next sequence number in its envelope. That is what
 :func:`lightning_secagg.transport.frames_nbytes` counts and what a peer reports in
@@ -35,10 +35,11 @@ and the segment (:func:`~lightning_secagg.protocol.peer_round.dense_actor`),
 and randomness only draws the seeds, whose size is fixed: every figure is
 exact, received bytes included, in every round over the same tree.
 
-The ring is chosen as the scheduler chooses it: the compact ring Z_2^32 (4-byte
+The ring is chosen by the scheduler's own rule,
+:func:`~lightning_secagg.ring.choose_ring`: the compact ring Z_2^32 (4-byte
 elements) when every member declares its magnitude exponents
 (``Peer(ring="auto")``, the default) and
-:func:`~lightning_secagg.encoding.compact_ring_allowed` accepts the schema, the
+:func:`~lightning_secagg.ring.compact_ring_allowed` accepts the schema, the
 round's size and the largest exponent of each tensor; Z_2^64 (8-byte elements)
 otherwise. A preview has no model values, so unless told the real exponents it
 assumes magnitudes the compact ring accepts (:func:`assumed_exponents`); the
@@ -60,18 +61,6 @@ from typing import Any
 import numpy as np
 
 from lightning_secagg import codec
-from lightning_secagg.encoding import (
-    DEFAULT_FRAC_BITS,
-    MAX_EXPONENT,
-    MIN_EXPONENT,
-    RING_DTYPES,
-    Schema,
-    TensorSpec,
-    compact_ring_allowed,
-    exponents_to_declare,
-    result_span,
-    segment_bounds,
-)
 from lightning_secagg.errors import ConfigurationError
 from lightning_secagg.messages import (
     Assignment,
@@ -84,7 +73,23 @@ from lightning_secagg.messages import (
     SignupAck,
 )
 from lightning_secagg.protocol.peer_round import Send
-from lightning_secagg.protocol.segmented_round import SegmentedRound, segment_elements_for
+from lightning_secagg.protocol.segmented_round import SegmentedRound
+from lightning_secagg.ring import (
+    MAX_EXPONENT,
+    MIN_EXPONENT,
+    RING_DTYPES,
+    RingChoice,
+    choose_ring,
+    exponents_to_declare,
+)
+from lightning_secagg.schema import (
+    DEFAULT_FRAC_BITS,
+    Schema,
+    TensorSpec,
+    result_span,
+    segment_bounds,
+    segment_elements_for,
+)
 from lightning_secagg.sealing import CHUNK_BYTES, Envelope, sealed_extra_bytes
 from lightning_secagg.sharing import SEED_BYTES, RandomBytes
 from lightning_secagg.tree import AggregationTree, build_tree, privacy_warnings
@@ -230,40 +235,6 @@ class Member:
 
 
 @dataclass(frozen=True)
-class RingChoice:
-    """The ring of a round, chosen as the scheduler chooses it.
-
-    Attributes:
-        ring_bits: 32 (the compact ring) or 64.
-        exponents: The largest declared exponent of each tensor, relayed in the
-            assignment with the 32-bit ring (None with 64).
-        reason: Why the round keeps the 64-bit ring (None with 32).
-    """
-
-    ring_bits: int
-    exponents: tuple[int, ...] | None
-    reason: str | None
-
-    @classmethod
-    def of(cls, schema: Schema, declared: Sequence[Sequence[int] | None]) -> RingChoice:
-        """What ``SchedulerState`` picks from its members' sign-ups (``declared``)."""
-        exponents = (
-            [max(column) for column in zip(*declared, strict=True)]
-            if declared and all(d is not None for d in declared)
-            else None
-        )
-        reason = compact_ring_allowed(schema, exponents, len(declared))
-        if reason is not None or exponents is None:
-            return cls(64, None, reason)
-        return cls(32, tuple(exponents), None)
-
-    @property
-    def element_bytes(self) -> int:
-        """Bytes of one ring element: 4 or 8."""
-        return self.ring_bits // 8
-
-
-@dataclass(frozen=True)
 class PeerPlan:
     """What one peer sends and receives in one round, in bytes on the wire.
 
@@ -327,7 +298,7 @@ class Plan:
 
     ``segment_elements`` is the segment length the round was simulated with
     (None: the protocol's for this model,
-    :func:`~lightning_secagg.protocol.segmented_round.segment_elements_for`).
+    :func:`~lightning_secagg.schema.segment_elements_for`).
     """
 
     tree: AggregationTree
@@ -372,7 +343,7 @@ class Plan:
     @property
     def segments(self) -> list[tuple[int, int]]:
         """The segments' ``[a, b)`` ranges of data elements (see
-        :func:`~lightning_secagg.encoding.segment_bounds`)."""
+        :func:`~lightning_secagg.schema.segment_bounds`)."""
         return segment_bounds(self.schema, self.segment_elements)
 
     @property
@@ -640,7 +611,7 @@ def _segment_of(
     schema: Schema, segment: int, segment_elements: int | None = None
 ) -> tuple[int, int]:
     """The ``[a, b)`` data elements of segment ``segment`` (see
-    :func:`~lightning_secagg.encoding.segment_bounds`).
+    :func:`~lightning_secagg.schema.segment_bounds`).
 
     Raises:
         ConfigurationError: ``segment_elements`` is not a positive int, or the
@@ -665,11 +636,11 @@ def payload_size(
 
     Every share, partial sum and result belongs to one segment of the model,
     ``message.segment``, whose data elements are ``[a, b)`` (see
-    :func:`~lightning_secagg.encoding.segment_bounds`): a dense share or a
+    :func:`~lightning_secagg.schema.segment_bounds`): a dense share or a
     partial sum holds ``ring_bits / 8`` bytes per element of the segment and of
     its own count slot, ``ring_bits / 8 * (1 + b - a)``; a result holds the
     segment's bytes of the result buffer, every tensor in its own dtype
-    (:func:`~lightning_secagg.encoding.result_span`).
+    (:func:`~lightning_secagg.schema.result_span`).
 
     Raises:
         ConfigurationError: ``ring_bits`` is not 32 or 64, or the message's
@@ -785,8 +756,9 @@ def predict(
     peer's own segments in flight.
 
     The round's ring is what the scheduler would pick from the members'
-    declarations (:class:`RingChoice`); it sizes every dense share and partial
-    sum, and the exponents count in the sign-up and assignment headers.
+    declarations (:func:`~lightning_secagg.ring.choose_ring`); it sizes every
+    dense share and partial sum, and the exponents count in the sign-up and
+    assignment headers.
 
     Args:
         tree: The round's tree.
@@ -803,7 +775,7 @@ def predict(
         warnings: Privacy warnings to show.
         segment_elements: Data elements per segment; None (the default): the
             protocol's for this model,
-            :func:`~lightning_secagg.protocol.segmented_round.segment_elements_for`,
+            :func:`~lightning_secagg.schema.segment_elements_for`,
             which every real peer uses (another value predicts no real round).
 
     Returns:
@@ -823,7 +795,7 @@ def predict(
     if sorted(m.peer_id for m in members) != sorted(tree.members):
         raise ConfigurationError("members must be exactly the tree's members")
     declared = [m.declared(schema) for m in members]
-    ring = RingChoice.of(schema, declared)
+    ring = choose_ring(schema, declared)
     ring_bits = ring.ring_bits
     if segment_elements is None:
         segment_elements = segment_elements_for(schema.vector_size - 1)
@@ -926,7 +898,7 @@ def plan(
     """Build the tree the scheduler would build and predict every peer's bytes.
 
     The round is simulated as :func:`predict` does, every segment of the model
-    (:func:`~lightning_secagg.protocol.segmented_round.segment_elements_for`
+    (:func:`~lightning_secagg.schema.segment_elements_for`
     elements each) a pass through the tree of its own.
 
     Args:
@@ -1000,7 +972,6 @@ __all__ = [
     "Member",
     "PeerPlan",
     "Plan",
-    "RingChoice",
     "RoleSummary",
     "assumed_exponents",
     "counter_random_bytes",

@@ -29,7 +29,7 @@ Invariants:
 * The session only ever accepts an assignment after this attempt's own
   ``SignupAck``, for a round it has not finished or given up, that names it,
   whose tree matches its member list, whose total weight covers its own and
-  whose ring its own values fit (:func:`check_relayed_ring`).
+  whose ring its own values fit (:func:`~lightning_secagg.ring.check_relayed_ring`).
 * Messages of a round it is not assigned to yet are kept, within a count and a
   byte budget, and fed to the round once it is; messages of a finished round
   are dropped.
@@ -47,13 +47,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from lightning_secagg.deadlines import describe_phase, phase_deadline
-from lightning_secagg.encoding import (
-    RingPlan,
-    Schema,
-    compact_ring_allowed,
-    result_span,
-    segment_bounds,
-)
 from lightning_secagg.errors import (
     InvalidTotalError,
     LocalProtocolError,
@@ -79,7 +72,9 @@ from lightning_secagg.messages import (
     SignupRejected,
 )
 from lightning_secagg.protocol.peer_round import Send
-from lightning_secagg.protocol.segmented_round import SegmentedRound, segment_elements_for
+from lightning_secagg.protocol.segmented_round import SegmentedRound
+from lightning_secagg.ring import RingPlan, check_relayed_ring
+from lightning_secagg.schema import Schema, result_span, round_segments
 from lightning_secagg.sharing import RandomBytes
 from lightning_secagg.tree import AggregationTree
 
@@ -118,31 +113,6 @@ def is_retryable(exc: BaseException) -> bool:
     peer's and the callback's.
     """
     return isinstance(exc, RoundFailedError) and not isinstance(exc, SignupRejectedError)
-
-
-def check_relayed_ring(
-    schema: Schema,
-    ring_bits: int,
-    relayed: Sequence[int] | None,
-    own: Sequence[int] | None,
-    num_peers: int,
-) -> str | None:
-    """Why this peer must not accept the assignment's ring, or None if it may.
-
-    The scheduler's choice is checked, not trusted: the compact ring only if
-    this peer declared its exponents (``own`` is None for a peer that keeps to
-    the 64-bit ring), the relayed ones cover its own values, and the rule of
-    :func:`~lightning_secagg.encoding.compact_ring_allowed` holds for this round.
-    """
-    if ring_bits == 64:
-        return None
-    if own is None:
-        return "this peer asked for the 64-bit ring"
-    if relayed is None or len(relayed) != len(own):
-        return "the exponents do not match the model"
-    if any(r < mine for r, mine in zip(relayed, own, strict=True)):
-        return "the relayed exponents are below this peer's own magnitudes"
-    return compact_ring_allowed(schema, list(relayed), num_peers)
 
 
 def result_slot(
@@ -680,7 +650,12 @@ class PeerSession:
                 f"assignment {rid}: total weight {msg.total_weight:g} below our own"
             )
         problem = check_relayed_ring(
-            c.schema, msg.ring_bits, msg.exponents, c.exponents, len(endpoints)
+            c.schema,
+            msg.ring_bits,
+            msg.exponents,
+            c.exponents or [],
+            len(endpoints),
+            compact_wanted=c.exponents is not None,
         )
         if problem is not None:
             raise RemoteProtocolError(f"assignment {rid}: the 32-bit ring is not safe ({problem})")
@@ -690,7 +665,7 @@ class PeerSession:
             else RingPlan.compact(c.schema, msg.exponents)  # type: ignore[arg-type]
         )
         links = self._links(msg, att, tree.neighbours(self.peer_id))
-        bounds = segment_bounds(c.schema, segment_elements_for(c.schema.vector_size - 1))
+        bounds = round_segments(c.schema)
         encode, decode = c.encode, c.decode
         state = SegmentedRound(
             me=self.peer_id,
@@ -856,7 +831,6 @@ __all__ = [
     "State",
     "ToScheduler",
     "Wire",
-    "check_relayed_ring",
     "is_retryable",
     "result_slot",
 ]

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lightning_secagg.deadlines import DEFAULT_POLICY, DeadlinePolicy
-from lightning_secagg.encoding import Schema, compact_ring_allowed
 from lightning_secagg.errors import ConfigurationError, RemoteProtocolError
 from lightning_secagg.messages import (
     Abort,
@@ -30,8 +29,10 @@ from lightning_secagg.messages import (
     Signup,
     SignupAck,
     SignupRejected,
+    is_z85_key,
 )
-from lightning_secagg.security import is_z85_key
+from lightning_secagg.ring import choose_ring
+from lightning_secagg.schema import Schema
 from lightning_secagg.tree import AggregationTree, ShuffleRandom, build_tree, validate_tree_params
 
 log = logging.getLogger(__name__)
@@ -373,14 +374,8 @@ class SchedulerState:
         round_id = self._new_round_id()
         now = self._clock()
         schema = chosen[0].schema
-        declared = [w.signup.exponents for w in chosen]
-        exponents = (
-            [max(column) for column in zip(*declared, strict=True)]  # type: ignore[arg-type]
-            if all(d is not None for d in declared)
-            else None
-        )
-        unsafe = compact_ring_allowed(schema, exponents, len(chosen))
-        ring = 64 if unsafe else 32
+        choice = choose_ring(schema, [w.signup.exponents for w in chosen])
+        ring, unsafe = choice.ring_bits, choice.reason
         if self.round_timeout is not None:
             budget = self.round_timeout
         else:
@@ -423,7 +418,7 @@ class SchedulerState:
             total_weight=sum(w.signup.weight for w in chosen),
             deadline_s=budget,
             ring_bits=ring,
-            exponents=exponents if ring == 32 else None,
+            exponents=list(choice.exponents) if choice.exponents is not None else None,
             round_keys=[w.signup.round_key for w in chosen],
         )
         return [Outgoing(w.conn, assignment) for w in chosen]

@@ -10,9 +10,11 @@ the tree while the next one is still being shared below it.
 Each segment is a round of :class:`PeerRound` (same tree, same links, its own
 dense shares), its vector carrying its own copy of the count slot so that a
 root actor decodes it as soon as its sum is complete
-(:func:`lightning_secagg.encoding.segment_bounds`). Its result is the slice of
+(:func:`lightning_secagg.schema.segment_bounds`). Its result is the slice of
 the result buffer that the segment decodes into
-(:func:`lightning_secagg.encoding.result_span`), so the slices tile the buffer.
+(:func:`lightning_secagg.schema.result_span`), so the slices tile the buffer.
+How long segments are is part of the protocol, derived from the schema by
+every member alike (:func:`lightning_secagg.schema.segment_elements_for`).
 
 The seeds are the round's, not a segment's (:class:`LevelSeeds`): a
 participant draws them once per level and sends each once; segment ``k`` is
@@ -46,44 +48,6 @@ from lightning_secagg.tree import AggregationTree
 
 #: Segments of its own a peer keeps in flight (see the module's docstring).
 DEFAULT_WINDOW = 2
-#: The shortest segment, in data elements: with its count slot, a segment's vector
-#: is then exactly 1 MiB in the compact ring (2 MiB in the 64-bit one), a whole
-#: chunk of the share keystream (``sharing.CHUNK_BYTES``). Every model of up to
-#: :data:`MAX_SEGMENTS` of them (MNISTNet: 5) travels in segments of this length.
-SEGMENT_ELEMENTS = (1 << 18) - 1
-#: The longest segment: 16 MiB with its count slot in the compact ring.
-MAX_SEGMENT_ELEMENTS = (1 << 22) - 1
-#: Segments a model is cut into at most, as long as :data:`MAX_SEGMENT_ELEMENTS`
-#: allows (see :func:`segment_elements_for`).
-MAX_SEGMENTS = 16
-
-
-def segment_elements_for(data_elements: int) -> int:
-    """The segment length of a round for a model of ``data_elements`` elements.
-
-    Part of the protocol (it decides what every message carries): every member
-    derives it from the agreed schema, so all of them cut the model alike. The
-    shortest length ``2**s - 1`` (``s`` from 18 to 22) that cuts the model into
-    at most :data:`MAX_SEGMENTS` segments, else the longest.
-
-    Why it grows with the model: every segment is a pass through the tree with
-    messages of its own, and each message costs about half a millisecond of CPU
-    whatever it carries (sealed header, codec, Python, ZeroMQ wake-ups on both
-    ends). ResNet-50 in 98 segments of 1 MiB took a fifth more CPU than in 13
-    of 8 MiB, and 2.7x gloo's time against 2.1x. A small model keeps
-    short segments: they bound its peers' buffers (MNISTNet in 2 MiB segments
-    peaked at 4.2x its size, against 1.0-2.5x in 1 MiB ones). Measured in
-    ``docs/benchmarks.md``.
-
-    Raises:
-        LocalProtocolError: ``data_elements`` is not an int >= 0.
-    """
-    if isinstance(data_elements, bool) or not isinstance(data_elements, int) or data_elements < 0:
-        raise LocalProtocolError(f"data_elements must be an int >= 0, got {data_elements!r}")
-    length = SEGMENT_ELEMENTS
-    while length < MAX_SEGMENT_ELEMENTS and -(-data_elements // length) > MAX_SEGMENTS:
-        length = 2 * length + 1  # 2**(s + 1) - 1
-    return length
 
 
 class SegmentedRound:
@@ -172,8 +136,8 @@ class SegmentedRound:
         lo, hi = self._spans[k]
         # A root actor decodes straight into its slice of the result buffer. The
         # closure holds the slice, not ``self``: a cycle through this object would
-        # keep every round's result buffer alive until the garbage collector's
-        # next full pass (the caller's tensors are views of it).
+        # keep every round's model-sized result buffer alive until the garbage
+        # collector's next full pass.
         out = self.buffer[lo:hi]
 
         def decode(total: np.ndarray) -> np.ndarray:

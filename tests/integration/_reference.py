@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from lightning_secagg.encoding import magnitude_exponents
+from lightning_secagg.ring import relayed_exponents
 from tests.integration._peer_worker import make_state
 
 FRAC_BITS = 32
@@ -40,7 +41,9 @@ def weighted_reference(n: int, scale: float = 1.0, model: str = "mixed") -> dict
 def compact_exponents(n: int, scale: float, model: str) -> list[int]:
     """The exponents the scheduler relays: per tensor, the largest any peer declares."""
     declared = [magnitude_exponents(make_state(i, scale, model)) for i in range(n)]
-    return [max(column) for column in zip(*declared, strict=True)]
+    relayed = relayed_exponents(declared)
+    assert relayed is not None
+    return relayed
 
 
 def assert_matches_reference(

@@ -55,7 +55,6 @@ import zmq.utils.monitor
 import lightning_secagg.wire as wire_module
 from lightning_secagg import KeyPair, Peer
 from lightning_secagg.codec import MAX_HEADER_BYTES, encode
-from lightning_secagg.encoding import Schema
 from lightning_secagg.errors import RemoteProtocolError
 from lightning_secagg.messages import (
     Abort,
@@ -67,6 +66,7 @@ from lightning_secagg.messages import (
     Share,
     Signup,
 )
+from lightning_secagg.schema import Schema
 from lightning_secagg.sealing import MAX_PARTS, SEAL_VERSION, Envelope, Link, RoundKey
 from lightning_secagg.security import make_curve_client
 from lightning_secagg.tree import AggregationTree

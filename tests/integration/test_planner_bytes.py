@@ -2,7 +2,7 @@
 
 An in-process scheduler and peers in threads, over CURVE on loopback. The tree
 the scheduler builds (with its CSPRNG) is recorded by wrapping ``build_tree``,
-and its ring choice by wrapping ``compact_ring_allowed``; the planner is then
+and its ring choice by wrapping its ``choose_ring``; the planner is then
 asked about *that* tree, with the members' real ids, endpoints, keys, ring
 settings and magnitude exponents, and every peer's ``RoundStats`` must equal
 its prediction. Both rings are run: the compact one (a model without float64
@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from lightning_secagg import Peer, Scheduler
-from lightning_secagg.encoding import Schema, magnitude_exponents
+from lightning_secagg.encoding import magnitude_exponents
 from lightning_secagg.planner import Member, Plan, counter_random_bytes, predict
 from lightning_secagg.protocol import scheduler_state
-from lightning_secagg.protocol.segmented_round import SEGMENT_ELEMENTS, segment_elements_for
+from lightning_secagg.ring import RingChoice
+from lightning_secagg.schema import SEGMENT_ELEMENTS, Schema, segment_elements_for
 from lightning_secagg.sharing import system_random_bytes
 from lightning_secagg.tree import AggregationTree
 
@@ -103,24 +104,26 @@ def run_round(
     deterministic: bool,
     model: Callable[[int], dict[str, torch.Tensor]],
     ring_of: Callable[[int], str],
-) -> tuple[Scheduler, AggregationTree, list[str], dict[str, Peer], list[object]]:
+) -> tuple[Scheduler, AggregationTree, list[str], dict[str, Peer], list[RingChoice]]:
     built: list[tuple[AggregationTree, list[str]]] = []
-    verdicts: list[object] = []
+    verdicts: list[RingChoice] = []
     real_build_tree = scheduler_state.build_tree
-    real_allowed = scheduler_state.compact_ring_allowed
+    real_choose_ring = scheduler_state.choose_ring
 
     def recording_build_tree(ids, *args, **kwargs):  # type: ignore[no-untyped-def]
         tree = real_build_tree(ids, *args, **kwargs)
         built.append((tree, list(ids)))  # ids in queue order = the assignment's member order
         return tree
 
-    def recording_allowed(schema, exponents, num_peers):  # type: ignore[no-untyped-def]
-        verdict = real_allowed(schema, exponents, num_peers)
-        verdicts.append((verdict, exponents))
-        return verdict
+    def recording_choose_ring(schema, declared):  # type: ignore[no-untyped-def]
+        choice = real_choose_ring(schema, declared)
+        verdicts.append(choice)
+        return choice
 
     monkeypatch.setattr(scheduler_state, "build_tree", recording_build_tree)
-    monkeypatch.setattr(scheduler_state, "compact_ring_allowed", recording_allowed)
+    # The scheduler's name for the one rule (lightning_secagg.ring.choose_ring):
+    # only its choice is recorded, not the planner's.
+    monkeypatch.setattr(scheduler_state, "choose_ring", recording_choose_ring)
     peers: dict[str, Peer] = {}
     errors: list[BaseException] = []
     with Scheduler(port=0, target_size=n, group_size=group_size, num_actors=num_actors) as sched:
@@ -191,13 +194,17 @@ def plan_for(
     return plan, stats
 
 
-def assert_same_ring(plan: Plan, verdicts: list[object], ring_bits: int) -> None:
+def assert_same_ring(plan: Plan, verdicts: list[RingChoice], ring_bits: int) -> None:
     """The planner picked the ring the scheduler picked, with the same relayed exponents."""
-    ((verdict, exponents),) = verdicts  # type: ignore[misc]
-    assert plan.ring_bits == (64 if verdict else 32) == ring_bits
-    assert plan.ring.reason == verdict
+    (choice,) = verdicts
+    assert plan.ring_bits == choice.ring_bits == ring_bits
+    assert plan.ring.reason == choice.reason
+    assert (choice.reason is None) == (ring_bits == 32)
+    assert plan.ring.exponents == choice.exponents
     if ring_bits == 32:
-        assert plan.ring.exponents == tuple(exponents)
+        assert choice.exponents is not None
+    else:
+        assert choice.exponents is None
     # The elements and a count slot per segment.
     elements = plan.schema.vector_size - 1 + plan.num_segments
     assert plan.dense_bytes == ring_bits // 8 * elements

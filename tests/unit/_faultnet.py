@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_secagg.encoding import Schema, decode_result, decode_total, encode
+from lightning_secagg.encoding import decode_result, decode_total, encode
 from lightning_secagg.errors import RemoteProtocolError, RoundFailedError
 from lightning_secagg.messages import Assignment
 from lightning_secagg.protocol.peer_round import designated_actor
@@ -41,6 +41,7 @@ from lightning_secagg.protocol.peer_session import (
     ToScheduler,
 )
 from lightning_secagg.protocol.scheduler_state import SchedulerState
+from lightning_secagg.schema import Schema
 from lightning_secagg.tree import AggregationTree
 from lightning_secagg.wire import PlainWire, Transmit
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lightning_secagg import codec
-from lightning_secagg.encoding import Schema, decode_result, decode_total, encode
+from lightning_secagg.encoding import decode_result, decode_total, encode
 from lightning_secagg.messages import (
     PEER_TO_PEER,
     Assignment,
@@ -38,6 +38,7 @@ from lightning_secagg.messages import (
 )
 from lightning_secagg.protocol.peer_round import PeerRound, Send
 from lightning_secagg.protocol.scheduler_state import Outgoing, SchedulerState
+from lightning_secagg.schema import Schema
 from lightning_secagg.tree import AggregationTree, build_tree
 
 StateDict = dict[str, torch.Tensor]

@@ -293,7 +293,7 @@ def test_real_peer_inbox_is_bounded_by_the_model(monkeypatch):
     """In setup the model is known: the peer's inbox accepts no frame larger than
     this model's rounds need, instead of the 1 GiB default."""
     import lightning_secagg.peer as peer_module
-    from lightning_secagg.encoding import Schema
+    from lightning_secagg.schema import Schema
 
     seen = []
 

@@ -31,19 +31,13 @@ from hypothesis import strategies as st
 from lightning_secagg import codec
 from lightning_secagg.deadlines import DEFAULT_POLICY
 from lightning_secagg.encoding import (
-    COMPACT_MAX_PEERS,
-    DEFAULT_FRAC_BITS,
     ENCODE_CHUNK,
-    MAX_EXPONENT,
-    MIN_EXPONENT,
-    RingPlan,
-    Schema,
     check_values,
-    compact_ring_allowed,
     decode_result,
     decode_total,
     encode,
     magnitude_exponents,
+    torch_dtype,
 )
 from lightning_secagg.errors import (
     ConfigurationError,
@@ -54,8 +48,18 @@ from lightning_secagg.errors import (
 from lightning_secagg.messages import Assignment, Done, Share, Signup, SignupAck
 from lightning_secagg.peer import Peer, make_contribution
 from lightning_secagg.protocol.peer_round import PeerRound
-from lightning_secagg.protocol.peer_session import PeerSession, State, check_relayed_ring
+from lightning_secagg.protocol.peer_session import PeerSession, State
 from lightning_secagg.protocol.scheduler_state import Outgoing, SchedulerState
+from lightning_secagg.ring import (
+    COMPACT_MAX_PEERS,
+    MAX_EXPONENT,
+    MIN_EXPONENT,
+    RingPlan,
+    check_relayed_ring,
+    compact_ring_allowed,
+    relayed_exponents,
+)
+from lightning_secagg.schema import DEFAULT_FRAC_BITS, Schema
 from lightning_secagg.sharing import add_expanded_seed, draw_seeds, mask
 from lightning_secagg.tree import AggregationTree, build_tree
 from lightning_secagg.wire import PlainWire
@@ -69,9 +73,10 @@ MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 
 
 def exponents_of(state_dicts) -> list[int]:
-    """The per-tensor maximum of every peer's declared exponents, as the scheduler relays it."""
-    each = [magnitude_exponents(sd) for sd in state_dicts]
-    return [max(column) for column in zip(*each, strict=True)]
+    """The exponents the scheduler relays when every peer declares its own."""
+    relayed = relayed_exponents([magnitude_exponents(sd) for sd in state_dicts])
+    assert relayed is not None
+    return relayed
 
 
 def ring_sum(vectors: list[np.ndarray]) -> np.ndarray:
@@ -455,7 +460,7 @@ def test_tensors_larger_than_one_chunk_decode_like_the_elementwise_formula():
         if spec.dtype == "int32":
             expected = torch.round(mean).to(torch.int32)
         else:
-            expected = mean.to(spec.torch_dtype)
+            expected = mean.to(torch_dtype(spec))
         assert torch.equal(out[spec.name], expected), spec.name
         ref = weighted_mean(sds, weights, spec.name)
         assert bool(((mean - ref).abs() <= fixed_point_bound(n, e, ref.abs())).all())
@@ -566,7 +571,7 @@ def test_compact_ring_error_bound_and_exact_shares(case):
 
     out = decode_result(raw, schema)
     for spec, e in zip(schema.tensors, exps, strict=True):
-        dtype = spec.torch_dtype
+        dtype = torch_dtype(spec)
         result = out[spec.name]
         assert result.dtype == dtype and tuple(result.shape) == spec.shape
         if spec.numel == 0:
@@ -999,7 +1004,8 @@ def test_through_the_scheduler_with_peers_checking_the_ring():
     for i in range(n):
         pid = f"p{i}"
         w = wired[pid]
-        assert check_relayed_ring(schema, w.ring_bits, w.exponents, own[i], len(w.members)) is None
+        args = (schema, w.ring_bits, w.exponents, own[i], len(w.members))
+        assert check_relayed_ring(*args, compact_wanted=True) is None
         plan = RingPlan.compact(schema, a.exponents)
         tree = AggregationTree.from_wire(a.tree, a.group_size, a.num_actors)
         vector = encode(sds[i], schema, weights[i] / a.total_weight, plan=plan)
@@ -1055,22 +1061,6 @@ def session_for(ring: str = "auto") -> PeerSession:
     return session
 
 
-def own_exponents(ring: str) -> list[int] | None:
-    """What a peer declares (and checks relayed exponents against)."""
-    return PEER_EXPS if ring == "auto" else None
-
-
-@pytest.mark.parametrize("ring", ["auto", "64"])
-def test_peer_always_accepts_the_64_bit_ring(ring):
-    assert check_relayed_ring(PEER_SCHEMA, 64, None, own_exponents(ring), 3) is None
-
-
-@pytest.mark.parametrize("relayed", [[2, 4, 1], [10, 4, 1], [2, 7, 1], [29, 18, 1]])
-def test_peer_accepts_a_safe_compact_ring_with_the_relayed_exponents(relayed):
-    assert PEER_EXPS == [2, 4, 1]
-    assert check_relayed_ring(PEER_SCHEMA, 32, relayed, PEER_EXPS, 3) is None
-
-
 REFUSALS = [
     ("64", [2, 4, 1], 3, PEER_SCHEMA, "this peer asked for the 64-bit ring"),
     ("auto", None, 3, PEER_SCHEMA, "the exponents do not match the model"),
@@ -1093,9 +1083,24 @@ REFUSALS = [
 
 
 @pytest.mark.parametrize(("ring", "relayed", "n", "schema", "problem"), REFUSALS)
-def test_peer_ignores_an_unsafe_compact_ring(ring, relayed, n, schema, problem):
-    found = check_relayed_ring(schema, 32, relayed, own_exponents(ring), n)
+def test_check_relayed_ring_names_the_problem(ring, relayed, n, schema, problem):
+    """The rule the peer's check applies, in its one home (the same table as the peer's)."""
+    found = check_relayed_ring(schema, 32, relayed, PEER_EXPS, n, compact_wanted=ring == "auto")
     assert found is not None and problem in found
+
+
+@pytest.mark.parametrize("ring", ["auto", "64"])
+def test_check_relayed_ring_accepts_the_64_bit_ring_always(ring):
+    wanted = ring == "auto"
+    for relayed in (None, [2, 4, 1], [0, 0, 0]):
+        found = check_relayed_ring(PEER_SCHEMA, 64, relayed, PEER_EXPS, 3, compact_wanted=wanted)
+        assert found is None
+    assert check_relayed_ring(PEER_SCHEMA, 16, None, PEER_EXPS, 3, compact_wanted=True) is not None
+
+
+@pytest.mark.parametrize("relayed", [[2, 4, 1], [10, 4, 1], [2, 7, 1], [29, 18, 1]])
+def test_check_relayed_ring_accepts_a_safe_compact_ring(relayed):
+    assert check_relayed_ring(PEER_SCHEMA, 32, relayed, PEER_EXPS, 3, compact_wanted=True) is None
 
 
 def test_a_refused_ring_means_the_assignment_is_not_joined():

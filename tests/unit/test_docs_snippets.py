@@ -121,7 +121,7 @@ def test_encoding_errors_are_quoted():
         with pytest.raises(EncodingError) as exc:
             check_values(state, frac)
         quoted(str(exc.value))
-    from lightning_secagg.encoding import Schema
+    from lightning_secagg.schema import Schema
 
     with pytest.raises(EncodingError) as exc:
         Schema.of({"w": torch.zeros(2, dtype=torch.complex64)})

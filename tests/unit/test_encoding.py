@@ -10,15 +10,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from lightning_secagg.encoding import (
-    DEFAULT_FRAC_BITS,
-    Schema,
-    TensorSpec,
-    check_frac_bits,
+    TORCH_DTYPES,
     check_values,
     decode_result,
     decode_total,
     encode,
-    value_limit,
+    torch_dtype,
 )
 from lightning_secagg.errors import (
     ConfigurationError,
@@ -26,6 +23,15 @@ from lightning_secagg.errors import (
     InvalidTotalError,
     RoundFailedError,
     SchemaMismatchError,
+)
+from lightning_secagg.schema import (
+    DEFAULT_FRAC_BITS,
+    DTYPE_ITEMSIZE,
+    FLOAT_DTYPE_NAMES,
+    Schema,
+    TensorSpec,
+    check_frac_bits,
+    value_limit,
 )
 from tests.unit.memnet import cast_bound, fixed_point_bound, weighted_mean
 
@@ -245,21 +251,21 @@ def test_zero_count_slot_refused():
     assert isinstance(info.value, RoundFailedError)  # retryable, not a local encoding error
 
 
-def test_decode_result_adopts_only_a_writable_byte_array_when_asked():
+def test_decode_result_never_shares_the_buffer():
     schema = Schema.of({"a": torch.zeros(3), "b": torch.zeros(2, dtype=torch.int64)})
     buf = np.zeros(schema.result_nbytes, dtype=np.uint8)
-    adopted = decode_result(buf, schema, adopt=True)
     buf[:4] = np.frombuffer(np.float32(1.5).tobytes(), dtype=np.uint8)
-    assert adopted["a"][0].item() == 1.5  # a view of the buffer: no copy was made
-    copied = decode_result(buf, schema)
+    out = decode_result(buf, schema)
     buf[:4] = 0
-    assert copied["a"][0].item() == 1.5  # the default copies
+    assert out["a"][0].item() == 1.5  # copied: the buffer may be reused
+    out["a"][1] = 2.0
+    assert buf[4:8].tolist() == [0, 0, 0, 0]  # and writing the tensor leaves the buffer alone
     frozen = np.zeros(schema.result_nbytes, dtype=np.uint8)
     frozen.flags.writeable = False
-    safe = decode_result(frozen, schema, adopt=True)
-    safe["a"][0] = 2.0  # writable tensors even from a read-only buffer: it was copied
+    safe = decode_result(frozen, schema)
+    safe["a"][0] = 2.0  # writable tensors even from a read-only buffer
     assert frozen[:4].tolist() == [0, 0, 0, 0]
-    assert decode_result(bytes(schema.result_nbytes), schema, adopt=True)["b"].tolist() == [0, 0]
+    assert decode_result(bytes(schema.result_nbytes), schema)["b"].tolist() == [0, 0]
 
 
 def test_decode_result_wrong_size_refused():
@@ -485,3 +491,13 @@ def test_ring_sum_is_order_independent_and_wraps():
     assert np.array_equal(ring_sum([a, b]), ring_sum([b, a]))
     out = decode_result(decode_total(ring_sum([a, b]), schema), schema)["w"]
     assert out.tolist() == [-0.5, 0.0]
+
+
+def test_the_torch_dtypes_are_the_schemas_dtypes():
+    """The torch edge knows exactly the dtype names a torch-free schema may hold, at their sizes."""
+    assert list(TORCH_DTYPES) == list(DTYPE_ITEMSIZE)
+    for name, dtype in TORCH_DTYPES.items():
+        assert dtype.itemsize == DTYPE_ITEMSIZE[name]
+        assert dtype.is_floating_point == (name in FLOAT_DTYPE_NAMES)
+        spec = Schema.of({"t": torch.zeros(2, dtype=dtype)}).tensors[0]
+        assert (spec.dtype, spec.itemsize, torch_dtype(spec)) == (name, dtype.itemsize, dtype)

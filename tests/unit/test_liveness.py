@@ -16,7 +16,6 @@ from lightning_secagg.deadlines import (
     num_phases,
     phase_deadline,
 )
-from lightning_secagg.encoding import Schema
 from lightning_secagg.errors import ConfigurationError, RemoteProtocolError
 from lightning_secagg.messages import (
     FROM_SCHEDULER,
@@ -30,6 +29,7 @@ from lightning_secagg.messages import (
     Signup,
 )
 from lightning_secagg.protocol.scheduler_state import SchedulerState
+from lightning_secagg.schema import Schema
 from lightning_secagg.wire import PlainWire
 
 from ._faultnet import Fault, FaultSim

@@ -134,8 +134,8 @@ def test_inbox_limit_checked_once_per_model_and_a_refusal_every_time(peer, monke
     import torch
 
     from lightning_secagg import peer as peer_module
-    from lightning_secagg.encoding import Schema
     from lightning_secagg.errors import ConfigurationError
+    from lightning_secagg.schema import Schema
 
     calls = []
     real = peer_module.required_message_bytes

@@ -9,17 +9,9 @@ import pytest
 from lightning_secagg import ConfigurationError
 from lightning_secagg.cli import main
 from lightning_secagg.codec import encode
-from lightning_secagg.encoding import (
-    COMPACT_MAX_PEERS,
-    Schema,
-    TensorSpec,
-    result_span,
-    segment_bounds,
-)
 from lightning_secagg.messages import Assignment, Partial, Result, Share, Signup, SignupAck
 from lightning_secagg.planner import (
     Member,
-    RingChoice,
     assumed_exponents,
     default_endpoint,
     default_peer_ids,
@@ -30,9 +22,14 @@ from lightning_secagg.planner import (
     predict,
     wire_size,
 )
-from lightning_secagg.protocol.segmented_round import (
+from lightning_secagg.ring import COMPACT_MAX_PEERS, choose_ring
+from lightning_secagg.schema import (
     MAX_SEGMENT_ELEMENTS,
     SEGMENT_ELEMENTS,
+    Schema,
+    TensorSpec,
+    result_span,
+    segment_bounds,
     segment_elements_for,
 )
 from lightning_secagg.sealing import Envelope
@@ -285,14 +282,14 @@ def test_assumed_exponents_follow_what_peers_declare_for_each_kind_of_tensor():
         )
     )
     assert assumed_exponents(schema) == [0, -64, 1, 1]
-    assert RingChoice.of(schema, [assumed_exponents(schema)] * 3).ring_bits == 32
+    assert choose_ring(schema, [assumed_exponents(schema)] * 3).ring_bits == 32
 
 
 def test_relayed_exponents_are_the_per_tensor_maximum():
     schema = Schema((TensorSpec("a", (2,), "float32"), TensorSpec("b", (2,), "float16")))
-    choice = RingChoice.of(schema, [[-3, 2], [1, -64], [0, 0]])
+    choice = choose_ring(schema, [[-3, 2], [1, -64], [0, 0]])
     assert (choice.ring_bits, choice.exponents, choice.reason) == (32, (1, 2), None)
-    assert RingChoice.of(schema, [[-3, 2], None, [0, 0]]).ring_bits == 64
+    assert choose_ring(schema, [[-3, 2], None, [0, 0]]).ring_bits == 64
 
 
 def test_header_bytes_count_the_declared_and_relayed_exponents():

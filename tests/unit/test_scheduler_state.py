@@ -8,7 +8,6 @@ import random
 import pytest
 import torch
 
-from lightning_secagg.encoding import Schema
 from lightning_secagg.errors import ConfigurationError, RemoteProtocolError
 from lightning_secagg.messages import (
     Abort,
@@ -27,6 +26,7 @@ from lightning_secagg.protocol.scheduler_state import (
     SchedulerState,
     format_tree,
 )
+from lightning_secagg.schema import Schema
 from lightning_secagg.tree import AggregationTree, build_tree, check_tree
 
 pytestmark = pytest.mark.timeout(60)

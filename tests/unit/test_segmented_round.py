@@ -31,18 +31,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_secagg.encoding import (
-    Schema,
-    decode_result,
-    decode_total,
-    encode,
-    result_span,
-    segment_bounds,
-)
+from lightning_secagg.encoding import decode_result, decode_total, encode
 from lightning_secagg.errors import LocalProtocolError, RemoteProtocolError
 from lightning_secagg.messages import Abort, Done, Partial, Result, Share
 from lightning_secagg.protocol.peer_round import Send, dense_actor
 from lightning_secagg.protocol.segmented_round import SegmentedRound
+from lightning_secagg.schema import Schema, result_span, segment_bounds
 from lightning_secagg.tree import AggregationTree, build_tree
 from tests.unit.memnet import (
     MemNet,

@@ -11,24 +11,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_secagg.encoding import (
-    RingPlan,
-    Schema,
-    decode_total,
-    encode,
-    result_span,
-    segment_bounds,
-)
+from lightning_secagg.encoding import decode_total, encode
 from lightning_secagg.errors import (
     ConfigurationError,
     EncodingError,
     InvalidTotalError,
     LocalProtocolError,
 )
-from lightning_secagg.protocol.segmented_round import (
+from lightning_secagg.ring import RingPlan
+from lightning_secagg.schema import (
     MAX_SEGMENT_ELEMENTS,
     MAX_SEGMENTS,
     SEGMENT_ELEMENTS,
+    Schema,
+    result_span,
+    segment_bounds,
     segment_elements_for,
 )
 from tests.unit.test_encoding import ALL_DTYPES as DTYPES
