@@ -5,7 +5,8 @@ Every peer is the production :class:`PeerSession`, the state machine inside
 heartbeats, honours the round and phase deadlines, tells the scheduler when it
 gives up, ignores messages of finished rounds, re-signs up on ``Rejoin`` and
 retries a failed round, exactly as a real peer does; round traffic travels as
-the real wire frames (:class:`~lightning_secagg.wire.PlainWire`). Only the
+the real wire frames (:class:`~lightning_secagg.wire.PlainWire`, or the sealed
+:class:`~lightning_secagg.wire.SealedWire` with ``secure=True``). Only the
 sockets are replaced, by this event queue.
 The scheduler is the real :class:`SchedulerState`, ticked whenever its
 ``next_deadline`` comes due. Time only moves from one event to the next, so a
@@ -42,8 +43,9 @@ from lightning_secagg.protocol.peer_session import (
 )
 from lightning_secagg.protocol.scheduler_state import SchedulerState
 from lightning_secagg.schema import Schema
+from lightning_secagg.security import KeyPair
 from lightning_secagg.tree import AggregationTree
-from lightning_secagg.wire import PlainWire, Transmit
+from lightning_secagg.wire import PlainWire, SealedWire, Transmit
 
 SCHED = "scheduler"
 ROLES = ("leaf", "actor", "root")
@@ -93,16 +95,17 @@ class SimPeer:
         timeout: float,
         max_retries: int,
         heartbeat: float,
+        secure: bool = False,
     ) -> None:
         self.sim, self.pid, self.state = sim, pid, state
         self.schema = Schema.of(state, 16)
         self.timeout, self.max_retries = timeout, max_retries
-        self.wire = PlainWire()
+        self.wire: PlainWire | SealedWire = SealedWire() if secure else PlainWire()
         self.session = PeerSession(
             pid,
             "s",
             f"inproc://{pid}",
-            "",
+            KeyPair.generate().public if secure else "",
             self.wire,
             random_bytes=sim.rng.randbytes,
             heartbeat_interval=heartbeat,
@@ -206,6 +209,7 @@ class FaultSim:
         heartbeat: float = 1.0,
         liveness: float = 3.0,
         queue_wait: float = 2.0,
+        secure: bool = False,
     ) -> None:
         self.rng = random.Random(seed)
         self.now = 0.0
@@ -241,7 +245,13 @@ class FaultSim:
         }
         self.peers = {
             pid: SimPeer(
-                self, pid, state, timeout=timeout, max_retries=max_retries, heartbeat=heartbeat
+                self,
+                pid,
+                state,
+                timeout=timeout,
+                max_retries=max_retries,
+                heartbeat=heartbeat,
+                secure=secure,
             )
             for pid, state in self.inputs.items()
         }
