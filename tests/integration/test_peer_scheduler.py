@@ -256,3 +256,39 @@ def test_port_in_use_is_a_clear_error():
             Scheduler(port=port, target_size=3).start()
         with pytest.raises(ConfigurationError, match="cannot listen"):
             Peer(f"tcp://127.0.0.1:{port}", sched.address, scheduler_key=sched.public_key).start()
+
+
+def batchnorm_model(i: int) -> dict[str, torch.Tensor]:
+    """A real BatchNorm model (float32 weights, int64 num_batches_tracked) plus
+    float16, bfloat16 and float64 extras: the mixed dtypes users' models have."""
+    torch.manual_seed(i)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    net(torch.randn(8, 4))  # running statistics and num_batches_tracked move
+    sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    sd["half"] = torch.randn(5).half()
+    sd["brain"] = torch.randn(2, 3).bfloat16()
+    sd["double"] = torch.randn(7, dtype=torch.float64)
+    return sd
+
+
+@pytest.mark.parametrize("secure", [True, False], ids=["sealed", "insecure"])
+def test_what_aggregate_returns_can_be_saved_and_each_tensor_owns_its_memory(tmp_path, secure):
+    """``torch.save(peer.aggregate(sd))`` works for a mixed-dtype model, and no returned
+    tensor shares (or keeps alive) another's storage."""
+    with Scheduler(port=0, target_size=3, insecure=not secure) as sched:
+        results = run_peers(
+            sched, [lambda p, i=i: p.aggregate(batchnorm_model(i), timeout=30) for i in range(3)]
+        )
+    assert all(isinstance(r, dict) for r in results), results
+    for i, result in enumerate(results):
+        path = tmp_path / f"avg{i}.pt"
+        torch.save(result, path)
+        loaded = torch.load(path)
+        assert list(loaded) == list(batchnorm_model(0))
+        for name, tensor in result.items():
+            assert torch.equal(loaded[name], tensor) and loaded[name].dtype == tensor.dtype
+            storage = tensor.untyped_storage()
+            assert storage.nbytes() == tensor.numel() * tensor.element_size(), name
+        pointers = [t.untyped_storage().data_ptr() for t in result.values() if t.numel()]
+        assert len(set(pointers)) == len(pointers)
+    assert all(torch.equal(results[0][k], r[k]) for r in results[1:] for k in r)
