@@ -525,17 +525,19 @@ class Peer:
     def _handle(self, what: str, handler: Callable[[], list[Any]]) -> None:
         """Run one message's handler: a refusal is logged and the message dropped.
 
-        An unexpected error is logged too, bounded, and never ends the call: one
-        message must not take the peer down.
+        The session's refusals of peer traffic name the message themselves
+        ("a share: duplicate ..."); ``what`` prefixes the others. An unexpected
+        error is logged too, bounded, and never ends the call: one message must
+        not take the peer down.
         """
         try:
             outputs = handler()
         except RemoteProtocolError as exc:
-            log.warning("peer %s dropped %s: %s", self.peer_id, what, exc)
+            log.warning("peer %s dropped %s%s", self.peer_id, what, exc)
             return
         except Exception as exc:
             log.error(
-                "peer %s dropped %s after an unexpected %s: %.300s",
+                "peer %s dropped %s(a message) after an unexpected %s: %.300s",
                 self.peer_id,
                 what,
                 type(exc).__name__,
@@ -554,7 +556,10 @@ class Peer:
             return
         session = self._session
         assert session is not None  # noqa: S101 - only inside aggregate()
-        self._handle(f"a {msg.TYPE}", lambda: session.receive_scheduler(msg, self._clock()))
+        self._handle(
+            f"a {msg.TYPE} from the scheduler: ",
+            lambda: session.receive_scheduler(msg, self._clock()),
+        )
 
     def _drain_inbox(self) -> None:
         """Read what is queued (a bounded batch) before polling again: one poll,
@@ -567,9 +572,7 @@ class Peer:
                 break
             if item is not None:
                 now = self._clock()
-                self._handle(
-                    f"a message from {item.sender}", partial(session.receive_peer, item, now)
-                )
+                self._handle("", partial(session.receive_peer, item, now))
             if not session.active:  # what follows belongs to later rounds
                 break
 

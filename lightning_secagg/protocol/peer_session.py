@@ -231,6 +231,8 @@ class _Round:
     state: SegmentedRound
     assigned_at: float
     links: Any
+    #: The members this peer exchanges messages with (its tree neighbours).
+    neighbours: frozenset[str]
     #: When this peer shared each segment: its phase deadlines count from then.
     shared_at: list[float] = field(default_factory=list)
 
@@ -664,7 +666,8 @@ class PeerSession:
             if msg.ring_bits == 64
             else RingPlan.compact(c.schema, msg.exponents)  # type: ignore[arg-type]
         )
-        links = self._links(msg, att, tree.neighbours(self.peer_id))
+        neighbours = tree.neighbours(self.peer_id)
+        links = self._links(msg, att, neighbours)
         bounds = round_segments(c.schema)
         encode, decode = c.encode, c.decode
         state = SegmentedRound(
@@ -681,7 +684,7 @@ class PeerSession:
             # Sealing copies every payload as it goes out.
             sends_are_copied=self.wire.secure,
         )
-        return _Round(msg, endpoints, state, now, links)
+        return _Round(msg, endpoints, state, now, links, neighbours)
 
     def _links(self, msg: Assignment, att: _Attempt, neighbours: frozenset[str]) -> Any:
         """Sealed links with our tree neighbours (nobody else may send us anything).
@@ -710,16 +713,36 @@ class PeerSession:
     def _feed(self, rnd: _Round, item: InboundItem, now: float) -> list[Any]:
         """Open a message of our round, hand it to the round, and seal what it answers."""
 
-        def place(header: dict[str, Any], nbytes: int) -> np.ndarray | None:
-            return result_slot(rnd.state, item.sender, header, nbytes)
+        sender = item.sender
+        if sender not in rnd.neighbours:
+            # Nobody else may send us anything in this round (a stranger's message
+            # would find no link anyway); said precisely, for the logs.
+            if sender == self.peer_id:
+                why = "itself, in"
+            elif sender in rnd.endpoints:
+                why = "a member we exchange nothing with (not a tree neighbour) in"
+            else:
+                why = "not a member of"
+            raise RemoteProtocolError(
+                f"a message claiming to be from {sender}: {why} round {item.round_id}"
+            )
 
-        msg, blob = self.wire.open(rnd.links, item, place)  # raises RemoteProtocolError
+        def place(header: dict[str, Any], nbytes: int) -> np.ndarray | None:
+            return result_slot(rnd.state, sender, header, nbytes)
+
+        try:
+            msg, blob = self.wire.open(rnd.links, item, place)
+        except RemoteProtocolError as exc:
+            kind = "sealed message" if self.wire.secure else "message"
+            raise RemoteProtocolError(f"a {kind}: {exc}") from None
         try:
             # An opened sealed payload is a buffer of ours; a plain one is a view
             # of the transport's frame.
             sends = self._round_step(
                 rnd, lambda: rnd.state.receive(msg, payload_owned=self.wire.secure), now
             )
+        except RemoteProtocolError as exc:
+            raise RemoteProtocolError(f"a {msg.TYPE}: {exc}") from None
         except InvalidTotalError as exc:
             # A member sent a wrong partial sum: no result can come out of this round.
             return self._fail(now, exc, give_up=True, reason=str(exc))
