@@ -53,7 +53,6 @@ import functools
 import hashlib
 import random
 import re
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +71,7 @@ from lightning_secagg.messages import (
     Signup,
     SignupAck,
 )
+from lightning_secagg.protocol.memnet import MemNet
 from lightning_secagg.protocol.peer_round import Send
 from lightning_secagg.protocol.segmented_round import SegmentedRound
 from lightning_secagg.ring import (
@@ -721,14 +721,10 @@ def _simulate(
         )
         for pid in tree.members
     }
-    queue: deque[Send] = deque()
-    for state in states.values():
-        queue.extend(state.start())
-    delivered: list[Send] = []
-    while queue:
-        send = queue.popleft()
-        delivered.append(send)
-        queue.extend(states[send.to].receive(send.message))
+    net = MemNet(states, "fifo", record=True)
+    net.start()
+    net.run()
+    delivered = net.sends
     unfinished = [pid for pid, s in states.items() if not s.done]
     if unfinished:  # pragma: no cover - would be a protocol bug
         raise RuntimeError(f"simulated round did not finish for {unfinished}")

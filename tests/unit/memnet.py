@@ -4,7 +4,8 @@ The idea follows h11's ``tests/helpers.py``: the protocol objects only turn
 input messages into output messages, so a test can deliver the outputs of one
 to the others itself, in any order it likes, and count everything.
 
-* :class:`MemNet` joins the :class:`PeerRound` objects of one round and
+* :class:`MemNet` (the library's :mod:`lightning_secagg.protocol.memnet`, which
+  the planner runs too) joins the :class:`PeerRound` objects of one round and
   delivers their :class:`Send` instructions FIFO, LIFO or in an order drawn
   from a seeded ``random.Random`` (so hypothesis can explore interleavings).
   With ``wire=True`` every message goes through the real codec on the way,
@@ -17,11 +18,9 @@ to the others itself, in any order it likes, and count everything.
 
 from __future__ import annotations
 
-import dataclasses
 import random
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,14 +28,14 @@ import torch
 from lightning_secagg import codec
 from lightning_secagg.encoding import decode_result, decode_total, encode
 from lightning_secagg.messages import (
-    PEER_TO_PEER,
     Assignment,
     Done,
     Message,
     Signup,
     SignupAck,
 )
-from lightning_secagg.protocol.peer_round import PeerRound, Send
+from lightning_secagg.protocol.memnet import MemNet
+from lightning_secagg.protocol.peer_round import PeerRound
 from lightning_secagg.protocol.scheduler_state import Outgoing, SchedulerState
 from lightning_secagg.schema import Schema
 from lightning_secagg.tree import AggregationTree, build_tree
@@ -47,77 +46,6 @@ StateDict = dict[str, torch.Tensor]
 def seeded_bytes(seed: int) -> Callable[[int], bytes]:
     """A reproducible stand-in for ``os.urandom`` (tests only; never for real shares)."""
     return random.Random(seed).randbytes
-
-
-@dataclass
-class MemNet:
-    """Deliver the messages of one round between in-memory :class:`PeerRound` objects.
-
-    Args:
-        peers: Every member's round object, by peer id.
-        order: ``"fifo"``, ``"lifo"``, or a ``random.Random`` that picks the
-            next pending message uniformly (any interleaving is possible).
-        wire: Encode and decode every message with the real codec on the way.
-        copying: Behave like the sealed transport: every payload is copied the
-            moment a round hands it out (so the round may write to it later),
-            and each receiver gets a fresh buffer of its own (``payload_owned``).
-    """
-
-    peers: Mapping[str, PeerRound]
-    order: str | random.Random = "fifo"
-    wire: bool = False
-    copying: bool = False
-    pending: list[Send] = field(default_factory=list)
-    delivered: Counter[str] = field(default_factory=Counter)
-    log: list[tuple[str, str, str]] = field(default_factory=list)
-
-    def start(self, ids: Sequence[str] | None = None) -> None:
-        """Call ``start()`` on the given peers (all by default) and queue their sends."""
-        for pid in ids if ids is not None else list(self.peers):
-            self._queue(self.peers[pid].start())
-
-    def _queue(self, sends: list[Send]) -> None:
-        if self.copying:
-            sends = [Send(s.to, _with_copied_payload(s.message)) for s in sends]
-        self.pending.extend(sends)
-
-    def step(self) -> Send:
-        """Deliver one pending message and queue whatever it causes."""
-        if self.order == "fifo":
-            send = self.pending.pop(0)
-        elif self.order == "lifo":
-            send = self.pending.pop()
-        else:
-            assert isinstance(self.order, random.Random)
-            send = self.pending.pop(self.order.randrange(len(self.pending)))
-        message = send.message
-        if self.wire:
-            frames = [bytes(f) for f in codec.encode(message)]
-            message = codec.decode(frames, codec.MAX_PEER_HEADER_BYTES, allowed=PEER_TO_PEER)
-        sender = getattr(message, "sender", "?")
-        self.delivered[type(message).__name__] += 1
-        self.log.append((type(message).__name__, sender, send.to))
-        if self.copying:  # each receiver decrypts into a buffer of its own
-            message = _with_copied_payload(message)
-        self._queue(self.peers[send.to].receive(message, payload_owned=self.copying))
-        return send
-
-    def run(self, max_steps: int = 10_000_000) -> Counter[str]:
-        """Deliver until nothing is pending; return the count of messages per type."""
-        steps = 0
-        while self.pending:
-            self.step()
-            steps += 1
-            if steps > max_steps:
-                raise RuntimeError("the round does not converge")
-        return self.delivered
-
-
-def _with_copied_payload(message: Message) -> Message:
-    payload = getattr(message, "payload", None)
-    if payload is None:
-        return message
-    return dataclasses.replace(message, payload=payload.copy())
 
 
 def random_state_dicts(
