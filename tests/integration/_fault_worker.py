@@ -65,16 +65,34 @@ class FaultyPeer(Peer):
         os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL if self.die_how == "kill" else signal.SIGSTOP)
 
-    def _deliver(self, rnd: Any, sends: list[Any]) -> None:
-        if (
-            self.die_role == "leaf"
-            and self._role(rnd) == "leaf"
-            and any(isinstance(s.message, Share) for s in sends)
-        ):
-            self._die(rnd)
-        super()._deliver(rnd, sends)
+    def start(self) -> FaultyPeer:
+        super().start()
+        wire = self._session.wire  # type: ignore[union-attr]
+        original_open = wire.open
 
-    def _feed_message(self, rnd: Any, msg: Message, blob: Any = None) -> None:
+        def open_then_maybe_die(links: Any, item: Any, place: Any) -> Any:
+            # The wire opens a message just before the session hands it to the round.
+            msg, blob = original_open(links, item, place)
+            rnd = self._session.round  # type: ignore[union-attr]
+            if rnd is not None:
+                self._before_round_takes(rnd, msg)
+            return msg, blob
+
+        wire.open = open_then_maybe_die  # type: ignore[method-assign]
+        return self
+
+    def _apply(self, outputs: list[Any]) -> None:
+        rnd = self._session.round if self._session is not None else None
+        if (
+            rnd is not None
+            and self.die_role == "leaf"
+            and self._role(rnd) == "leaf"
+            and any(getattr(o, "what", None) == "share" for o in outputs)
+        ):
+            self._die(rnd)  # about to send its shares
+        super()._apply(outputs)
+
+    def _before_round_takes(self, rnd: Any, msg: Message) -> None:
         mine = isinstance(msg, Share) and self._role(rnd) == self.die_role
         if mine and self.die_role == "root" and msg.level == rnd.state.tree.depth - 1:
             # Before the share is summed: a root actor dies holding the root level's
@@ -84,7 +102,6 @@ class FaultyPeer(Peer):
             self._die(rnd)
         if mine and self.die_role == "actor" and msg.level == 0:
             self._die(rnd)  # holding its own vector and this share, nothing sent up
-        super()._feed_message(rnd, msg, blob)
 
 
 def main() -> int:
