@@ -51,6 +51,7 @@ from lightning_secagg.errors import (
     RoundFailedError,
     SchemaMismatchError,
 )
+from lightning_secagg.peer import check_peer_options
 
 if TYPE_CHECKING:
     from lightning_secagg.peer import Peer
@@ -197,40 +198,27 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 )
             address = f"tcp://127.0.0.1:{address}"
         self.address = _normalize_endpoint("address", address, allow_port_zero=True)
-        if not isinstance(session, str) or not session:
-            raise SecureAggregationMisconfigurationError(
-                f"`session` must be a non-empty string, found {session!r}."
+        # The peer's own arguments are checked where the peer checks them (one home),
+        # now rather than in setup: a malformed key is reported when the callback is built.
+        try:
+            check_peer_options(
+                self.address,
+                self.scheduler,
+                session,
+                scheduler_key=scheduler_key,
+                insecure=insecure,
+                peer_id=peer_id,
+                ring=ring,
             )
+        except ConfigurationError as exc:
+            raise SecureAggregationMisconfigurationError(
+                f"SecureAggregationCallback: {exc}"
+            ) from None
         self.session = session
-        if peer_id is not None and (not isinstance(peer_id, str) or not peer_id):
-            raise SecureAggregationMisconfigurationError(
-                f"`peer_id` must be None or a non-empty string, found {peer_id!r}."
-            )
         self.peer_id = peer_id
-        if scheduler_key is not None and (
-            not isinstance(scheduler_key, (str, os.PathLike)) or not os.fspath(scheduler_key)
-        ):
-            raise SecureAggregationMisconfigurationError(
-                "`scheduler_key` must be None, the scheduler's public key (str) or the path of"
-                f" its key file, found {scheduler_key!r}."
-            )
-        if not isinstance(insecure, bool):
-            raise SecureAggregationMisconfigurationError(
-                f"`insecure` must be a bool, found {insecure!r}."
-            )
-        if insecure and scheduler_key is not None:
-            raise SecureAggregationMisconfigurationError(
-                "`scheduler_key` and `insecure=True` exclude each other, found both"
-                f" (scheduler_key={scheduler_key!r})."
-            )
-        if not insecure and scheduler_key is None:
-            raise SecureAggregationMisconfigurationError(
-                "`scheduler_key` is required (the public key `lightning-secagg scheduler`"
-                " prints, or its key file); `insecure=True` turns encryption off for"
-                " debugging. Found scheduler_key=None, insecure=False."
-            )
         self.scheduler_key = scheduler_key
         self.insecure = insecure
+        self.ring = ring
         if (
             isinstance(every_n_epochs, bool)
             or not isinstance(every_n_epochs, int)
@@ -260,11 +248,6 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 f"`on_failure` must be one of {FAILURE_POLICIES}, found {on_failure!r}."
             )
         self.on_failure = on_failure
-        if ring not in ("auto", "64"):
-            raise SecureAggregationMisconfigurationError(
-                f"`ring` must be 'auto' or '64', found {ring!r}."
-            )
-        self.ring = ring
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise SecureAggregationMisconfigurationError(
                 f"`max_retries` must be an integer >= 0, found {max_retries!r}."

@@ -48,7 +48,13 @@ from lightning_secagg.protocol.peer_session import (
     is_retryable,  # noqa: F401 - part of this module's API since 0.1
 )
 from lightning_secagg.ring import exponents_to_declare
-from lightning_secagg.schema import DEFAULT_FRAC_BITS, Schema, result_span, round_segments
+from lightning_secagg.schema import (
+    DEFAULT_FRAC_BITS,
+    Schema,
+    check_frac_bits,
+    result_span,
+    round_segments,
+)
 from lightning_secagg.sealing import CHUNK_BYTES, TAG_BYTES
 from lightning_secagg.security import (
     KeyPair,
@@ -94,6 +100,132 @@ def required_message_bytes(schema: Schema, *, sealed: bool = True) -> int:
     if sealed:
         largest = min(largest, CHUNK_BYTES) + TAG_BYTES
     return largest + codec.MAX_PEER_HEADER_BYTES
+
+
+@dataclass(frozen=True)
+class PeerOptions:
+    """A peer's configuration, checked: what :func:`check_peer_options` returns."""
+
+    bind: str
+    scheduler_address: str
+    session: str
+    peer_id: str
+    advertise: str | None
+    insecure: bool
+    scheduler_key: str | None
+    frac_bits: int
+    ring: str
+    linger: float
+    max_message_bytes: int
+    heartbeat_interval: float
+
+
+def check_peer_options(
+    address: str,
+    scheduler_address: str,
+    session: str = "default",
+    *,
+    scheduler_key: str | os.PathLike[str] | None = None,
+    keys: KeyPair | None = None,
+    insecure: bool = False,
+    peer_id: str | None = None,
+    advertise: str | None = None,
+    frac_bits: int = DEFAULT_FRAC_BITS,
+    ring: str = "auto",
+    linger: float = 5.0,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    heartbeat_interval: float = 1.0,
+) -> PeerOptions:
+    """Check every argument of a :class:`Peer` (the one home of these checks).
+
+    The callback calls it in its ``__init__`` too, so that a bad address, id or
+    key (a malformed ``scheduler_key`` included) is reported when it is built,
+    not when training starts. A missing ``peer_id`` becomes a random one.
+
+    Raises:
+        ConfigurationError: the argument, what is allowed, and what was given.
+    """
+
+    def endpoint(name: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise ConfigurationError(f"{name} must be a 'tcp://HOST:PORT' string, got {value!r}")
+        return bind_endpoint(value)
+
+    def seconds(name: str, value: Any, *, zero_ok: bool) -> float:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (value >= 0 if zero_ok else value > 0)
+            or not math.isfinite(value)
+        ):
+            bound = ">= 0" if zero_ok else "> 0"
+            raise ConfigurationError(f"{name} must be a number of seconds {bound}, got {value!r}")
+        return float(value)
+
+    bind = endpoint("address", address)
+    endpoint("scheduler_address", scheduler_address)
+    peer_id = peer_id if peer_id is not None else f"peer-{secrets.token_hex(4)}"
+    for name, value in (("peer_id", peer_id), ("session", session)):
+        try:
+            ident(value)
+        except ValueError as exc:
+            raise ConfigurationError(f"{name}: {exc}") from None
+    if advertise is not None:
+        endpoint("advertise", advertise)
+        if is_wildcard_host(advertise):
+            raise ConfigurationError(
+                f"advertise must be an address other peers can connect to, got {advertise!r}"
+            )
+    elif is_wildcard_host(address):
+        raise ConfigurationError(
+            f"address {address!r} binds every interface; pass advertise='tcp://HOST:PORT' "
+            "with the address other peers should connect to"
+        )
+    if not isinstance(insecure, bool):
+        raise ConfigurationError(f"insecure must be a bool, got {insecure!r}")
+    if insecure:
+        if scheduler_key is not None or keys is not None:
+            raise ConfigurationError("scheduler_key/keys and insecure=True exclude each other")
+        key = None
+    elif scheduler_key is None:
+        raise ConfigurationError(
+            "scheduler_key is required: pass the scheduler's public key (printed by "
+            "`lightning-secagg scheduler`, or Scheduler.public_key) or its .key file; "
+            "insecure=True turns encryption off (debugging only)"
+        )
+    elif not isinstance(scheduler_key, (str, os.PathLike)):
+        raise ConfigurationError(
+            "scheduler_key must be the scheduler's public key (str) or the path of its key "
+            f"file, got {scheduler_key!r:.60}"
+        )
+    else:
+        key = read_public_key(scheduler_key)
+    check_frac_bits(frac_bits)
+    if ring not in ("auto", "64"):
+        raise ConfigurationError(f"ring must be 'auto' or '64', got {ring!r}")
+    if (
+        isinstance(max_message_bytes, bool)
+        or not isinstance(max_message_bytes, int)
+        or max_message_bytes < codec.MAX_PEER_HEADER_BYTES
+    ):
+        raise ConfigurationError(
+            f"max_message_bytes must be an int >= {codec.MAX_PEER_HEADER_BYTES}, "
+            f"got {max_message_bytes!r}"
+        )
+    return PeerOptions(
+        bind,
+        scheduler_address,
+        session,
+        peer_id,
+        advertise,
+        insecure,
+        key,
+        frac_bits,
+        ring,
+        seconds("linger", linger, zero_ok=True),
+        max_message_bytes,
+        seconds("heartbeat_interval", heartbeat_interval, zero_ok=False),
+    )
 
 
 def make_contribution(
@@ -211,64 +343,35 @@ class Peer:
         clock: Callable[[], float] = time.monotonic,
         heartbeat_interval: float = 1.0,
     ) -> None:
-        self._bind = bind_endpoint(address)
-        if (
-            isinstance(heartbeat_interval, bool)
-            or not isinstance(heartbeat_interval, (int, float))
-            or not 0 < heartbeat_interval < float("inf")
-        ):
-            raise ConfigurationError(
-                f"heartbeat_interval must be > 0 seconds, got {heartbeat_interval!r}"
-            )
-        self.heartbeat_interval = float(heartbeat_interval)
+        options = check_peer_options(
+            address,
+            scheduler_address,
+            session,
+            scheduler_key=scheduler_key,
+            keys=keys,
+            insecure=insecure,
+            peer_id=peer_id,
+            advertise=advertise,
+            frac_bits=frac_bits,
+            ring=ring,
+            linger=linger,
+            max_message_bytes=max_message_bytes,
+            heartbeat_interval=heartbeat_interval,
+        )
+        self._bind = options.bind
+        self.scheduler_address = options.scheduler_address
+        self.session = options.session
+        self.peer_id = options.peer_id
+        self._advertise = options.advertise
+        self.insecure = options.insecure
+        self.scheduler_key: str | None = options.scheduler_key
+        self.keys: KeyPair | None = None if insecure else (keys or KeyPair.generate())
+        self.frac_bits = options.frac_bits
+        self.ring = options.ring
+        self.linger = options.linger
+        self.max_message_bytes = options.max_message_bytes
+        self.heartbeat_interval = options.heartbeat_interval
         self.last_failures: list[RoundFailedError] = []
-        bind_endpoint(scheduler_address)
-        self.scheduler_address = scheduler_address
-        self.peer_id = peer_id if peer_id is not None else f"peer-{secrets.token_hex(4)}"
-        self.session = session
-        try:
-            ident(self.peer_id)
-            ident(session)
-        except ValueError as exc:
-            raise ConfigurationError(f"peer_id and session: {exc}") from None
-        if advertise is not None:
-            bind_endpoint(advertise)
-        elif is_wildcard_host(address):
-            raise ConfigurationError(
-                f"address {address!r} binds every interface; pass advertise='tcp://HOST:PORT' "
-                "with the address other peers should connect to"
-            )
-        self._advertise = advertise
-        self.insecure = insecure
-        if insecure:
-            if scheduler_key is not None or keys is not None:
-                raise ConfigurationError("scheduler_key/keys and insecure=True exclude each other")
-            self.scheduler_key: str | None = None
-            self.keys: KeyPair | None = None
-        else:
-            if scheduler_key is None:
-                raise ConfigurationError(
-                    "scheduler_key is required: pass the scheduler's public key (printed by "
-                    "`lightning-secagg scheduler`, or Scheduler.public_key) or its .key file; "
-                    "insecure=True turns encryption off (debugging only)"
-                )
-            self.scheduler_key = read_public_key(scheduler_key)
-            self.keys = keys or KeyPair.generate()
-        self.frac_bits = frac_bits
-        if ring not in ("auto", "64"):
-            raise ConfigurationError(f"ring must be 'auto' or '64', got {ring!r}")
-        self.ring = ring
-        self.linger = linger
-        if (
-            isinstance(max_message_bytes, bool)
-            or not isinstance(max_message_bytes, int)
-            or max_message_bytes < codec.MAX_PEER_HEADER_BYTES
-        ):
-            raise ConfigurationError(
-                f"max_message_bytes must be an int >= {codec.MAX_PEER_HEADER_BYTES}, "
-                f"got {max_message_bytes!r}"
-            )
-        self.max_message_bytes = max_message_bytes
         self._random_bytes = random_bytes
         self._clock = clock
         self._ctx: zmq.Context | None = None

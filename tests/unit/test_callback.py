@@ -169,9 +169,9 @@ def _train(tmp_path, callbacks, model=None, trainer_cls=pl.Trainer, fit_kwargs=N
         ({"address": -1}, r"`address` as a port must be in \[0, 65535\], found -1"),
         ({"address": 1.5}, "`address` must be"),
         ({"address": True}, "`address` must be"),
-        ({"session": ""}, "`session` must be a non-empty string, found ''"),
-        ({"peer_id": ""}, "`peer_id` must be None or a non-empty string"),
-        ({"scheduler_key": 3}, "`scheduler_key` must be None, the scheduler's public key"),
+        ({"session": ""}, "session: expected an identifier of 1-.* safe characters, got ''"),
+        ({"peer_id": ""}, "peer_id: expected an identifier"),
+        ({"peer_id": "a b"}, "peer_id: expected an identifier"),
         ({"every_n_epochs": 0}, "`every_n_epochs` must be an integer >= 1, found 0"),
         ({"every_n_epochs": 1.0}, "`every_n_epochs` must be an integer >= 1, found 1.0"),
         ({"every_n_epochs": True}, "`every_n_epochs` must be an integer >= 1, found True"),
@@ -188,8 +188,8 @@ def _train(tmp_path, callbacks, model=None, trainer_cls=pl.Trainer, fit_kwargs=N
         ),
         ({"max_retries": -1}, "`max_retries` must be an integer >= 0, found -1"),
         ({"max_retries": True}, "`max_retries` must be an integer >= 0, found True"),
-        ({"ring": 64}, "`ring` must be 'auto' or '64', found 64"),
-        ({"ring": "32"}, "`ring` must be 'auto' or '64', found '32'"),
+        ({"ring": 64}, "ring must be 'auto' or '64', got 64"),
+        ({"ring": "32"}, "ring must be 'auto' or '64', got '32'"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -198,11 +198,11 @@ def test_invalid_arguments(kwargs, match):
 
 
 def test_scheduler_key_or_insecure_required():
-    with pytest.raises(MisconfigurationException, match="`scheduler_key` is required"):
+    with pytest.raises(MisconfigurationException, match="scheduler_key is required"):
         SecureAggregationCallback()
     with pytest.raises(MisconfigurationException, match="exclude each other"):
         SecureAggregationCallback(scheduler_key="K" * 40, insecure=True)
-    with pytest.raises(MisconfigurationException, match="`insecure` must be a bool"):
+    with pytest.raises(MisconfigurationException, match="insecure must be a bool"):
         SecureAggregationCallback(insecure="yes")
     SecureAggregationCallback(scheduler_key="K" * 40)
     SecureAggregationCallback(insecure=True)
@@ -263,11 +263,12 @@ def test_picklable_and_no_peer_before_setup(tmp_path):
 
 
 def test_peer_started_in_setup_and_stopped_in_teardown(tmp_path):
-    cb = FakeCallback(address=0, scheduler_key="abc")
+    key = "K" * 40
+    cb = FakeCallback(address=0, scheduler_key=key)
     _train(tmp_path, [cb], max_epochs=1)
     (peer,) = FakePeer.instances
     assert (peer.started, peer.stopped) == (1, 1)
-    assert peer.kwargs["scheduler_key"] == "abc"
+    assert peer.kwargs["scheduler_key"] == key
     assert cb.peer is None
     cb.teardown(None, None, "fit")  # idempotent
     assert peer.stopped == 1
@@ -284,9 +285,23 @@ def test_real_peer_gets_scheduler_key_only_when_given(monkeypatch):
 
     monkeypatch.setattr(peer_module, "Peer", fake_peer, raising=False)
     SecureAggregationCallback(session="s1", insecure=True)._create_peer()
-    SecureAggregationCallback(scheduler_key="KEY")._create_peer()
+    SecureAggregationCallback(scheduler_key="K" * 40)._create_peer()
     assert seen[0] == {"session": "s1", "peer_id": None, "insecure": True}
-    assert seen[1] == {"session": "default", "peer_id": None, "scheduler_key": "KEY"}
+    assert seen[1] == {"session": "default", "peer_id": None, "scheduler_key": "K" * 40}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"scheduler_key": "abc"}, "scheduler_key must be a 40-character Z85 public key"),
+        ({"scheduler_key": 3}, "scheduler_key must be the scheduler's public key"),
+        ({"address": "tcp://0.0.0.0:6000", "insecure": True}, "binds every interface"),
+    ],
+)
+def test_peer_arguments_are_checked_by_the_peer_when_the_callback_is_built(kwargs, match):
+    """One home for the peer's argument checks: the callback reports them in __init__."""
+    with pytest.raises(MisconfigurationException, match=match):
+        SecureAggregationCallback(**kwargs)
 
 
 def test_real_peer_inbox_is_bounded_by_the_model(monkeypatch):
