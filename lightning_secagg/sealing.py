@@ -1,13 +1,11 @@
 """Sealed links between the peers of a round: AES-256-GCM under per-round keys.
 
 Why not CurveZMQ for this traffic (the scheduler link keeps it): CurveZMQ
-encrypts with XSalsa20-Poly1305 in libzmq's I/O thread: moving one 4.8 MB
-message through a CURVE socket pair on loopback took 12.3 ms on the
-development machine against 0.9 ms in plaintext, while sealing and opening it
-with AES-256-GCM (AES-NI) takes about 1 ms. Shares and results are nearly all
-of a round's bytes, so on a CPU-bound host the link cipher was about a third
-of a round's CPU (``docs/benchmarks.md``). The guarantees stay those of
-CurveZMQ's:
+encrypts with XSalsa20-Poly1305 in libzmq's single I/O thread, an order of
+magnitude slower per byte than AES-256-GCM with AES-NI, and shares and results
+are nearly all of a round's bytes: on a CPU-bound host the link cipher was a
+large part of a round's CPU (measured in ``docs/benchmarks.md``, "Link
+encryption"). The guarantees stay those of CurveZMQ's:
 
 * **Key agreement with forward secrecy.** Every ``aggregate()`` call draws a
   fresh X25519 key pair (:class:`RoundKey`); its public half travels in the
@@ -155,11 +153,10 @@ def _split_chunks(payload: Any) -> list[memoryview]:
 def _encrypt_chunk(aead: AESGCM, nonce: bytes, chunk: memoryview, aad: bytes | None) -> np.ndarray:
     """Encrypt a payload chunk into a fresh ``uint8`` array: ciphertext, then tag.
 
-    Why not ``aead.encrypt``: the bytes object it returns cost a pass more
-    (sealing 1 MiB took 0.14-0.17 ms that way against 0.11-0.12 into an array,
-    8 MiB 1.7-1.9 against 1.0-1.2 ms, with a few live at once as in a round),
-    and numpy asks the kernel for huge pages for large arrays: a tenth of the
-    page faults at 8 MiB.
+    Why not ``aead.encrypt``: the bytes object it returns costs a pass more
+    than encrypting into an array, and numpy asks the kernel for huge pages
+    for large arrays, so far fewer page faults (measured in
+    ``docs/benchmarks.md``, "Link encryption").
     """
     out = np.empty(chunk.nbytes + TAG_BYTES, dtype=np.uint8)
     aead.encrypt_into(nonce, chunk, aad, out)
