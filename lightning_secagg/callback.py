@@ -343,9 +343,18 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ lifecycle
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Start the peer on global rank 0 when fitting."""
+        """Start the peer on global rank 0 when fitting; reset the per-fit state.
+
+        The same callback object may serve several ``fit`` calls: which epoch
+        last ran a round belongs to one fit (a new one counts epochs from its
+        own start, or from its checkpoint, restored after ``setup``), while the
+        round counters go on.
+        """
         if stage != "fit":
             return
+        self._last_round_epoch = -1
+        self.last_stats = None
+        self.last_error = None
         if not any(True for _ in pl_module.parameters()) and not any(
             True for _ in pl_module.buffers()
         ):

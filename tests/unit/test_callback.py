@@ -678,3 +678,14 @@ def test_works_with_lightning_pytorch_trainer(tmp_path):
         model.layer.weight.detach(), (peer.calls[-1]["state"]["layer.weight"] + 0.25) / 2
     )
     assert peer.stopped == 1
+
+
+def test_a_second_fit_with_the_same_callback_runs_its_rounds(tmp_path):
+    """The epoch guard belongs to one fit: a second ``fit`` (a new Trainer, epochs
+    from 0 again) runs its rounds; the round counter goes on."""
+    cb = FakeCallback(address=0)
+    _train(tmp_path, [cb], max_epochs=1)
+    assert cb.rounds_completed == 1
+    _train(tmp_path, [cb], max_epochs=1)
+    assert cb.rounds_completed == 2
+    assert [len(p.calls) for p in FakePeer.instances] == [1, 1]
