@@ -409,6 +409,8 @@ class Collector:
             xlabel="epoch", ylabel="seconds", title="Aggregation round time (median, min-max)"
         )
         time_ax.grid(alpha=0.3)
+        for ax in (acc_ax, time_ax):  # epochs are whole numbers, also for a 1-epoch run
+            ax.set_xticks(epochs)
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=100)

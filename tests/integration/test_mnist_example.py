@@ -338,3 +338,23 @@ def test_ctrl_c_ends_every_process(tmp_path):
         for pid in children:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_plot_of_a_one_epoch_run_has_whole_epoch_ticks(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    col = mnist_collector.Collector(0, tmp_path / "log.txt", echo=lambda _line: None)
+    col.rounds.append(
+        {"peer": 0, "epoch": 1, "seconds": 0.5, "round_seconds": 0.4, "bytes_sent": 1,
+         "bytes_received": 1, "num_peers": 2, "acc_before": 0.8, "acc_after": 0.9}
+    )  # fmt: skip
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), real_close(fig)))
+    try:
+        assert col.plot(tmp_path / "one.png") is not None
+    finally:
+        col.stop()
+    (fig,) = figures
+    for ax in fig.axes:
+        assert list(ax.get_xticks()) == [1.0]
