@@ -70,7 +70,11 @@ def _scheduler(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    public, secret = write_key_files(args.directory, args.name)
+    try:
+        public, secret = write_key_files(args.directory, args.name, force=args.force)
+    except (ConfigurationError, OSError) as exc:
+        print(f"lightning-secagg keygen: error: {exc}", file=sys.stderr)
+        return 2
     print(f"public key file: {public}")
     print(f"secret key file: {secret} (keep it private)")
     print(f"public key: {KeyPair.load(secret).public}")
@@ -160,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser("keygen", help="write a CURVE key pair (NAME.key, NAME.key_secret)")
     keygen.add_argument("name", nargs="?", default="scheduler", help="file name stem")
     keygen.add_argument("--directory", "-d", default=".", help="where to write the files")
+    keygen.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing key files (atomically; never through a symlink). Without it "
+        "an existing file or symlink is refused",
+    )
     keygen.set_defaults(func=_keygen)
     tree = sub.add_parser(
         "tree",

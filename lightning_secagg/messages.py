@@ -79,11 +79,37 @@ def public_key(value: Any) -> str:
     return value
 
 
+def safe_text(value: object, limit: int = MAX_REASON_LEN) -> str:
+    """``value`` as one printable line of at most ``limit`` characters, for logs and errors.
+
+    Text another party chose (an abort reason, a tensor name) ends up in log
+    lines and exception messages. Every character that is not printable
+    (newlines, carriage returns, escape sequences, other control and format
+    characters, line and paragraph separators) is replaced by its ``repr``
+    escape, so such text can never start a line of its own nor move a
+    terminal's cursor; the result is then cut to ``limit`` characters, the cut
+    marked with ``...``. Idempotent on its own output.
+    """
+    s = value if isinstance(value, str) else str(value)
+    out: list[str] = []
+    size = 0
+    for ch in s:
+        piece = ch if ch.isprintable() else repr(ch)[1:-1]
+        out.append(piece)
+        size += len(piece)
+        if size > limit:
+            break
+    joined = "".join(out)
+    if len(joined) > limit:
+        joined = joined[: max(0, limit - 3)] + "..."
+    return joined
+
+
 def text(value: Any) -> str:
-    """Free text (reasons), bounded."""
+    """Free text (reasons), bounded on the wire, escaped and bounded again (:func:`safe_text`)."""
     if not isinstance(value, str) or len(value) > MAX_REASON_LEN:
         raise HeaderError(f"expected text of at most {MAX_REASON_LEN} characters")
-    return value
+    return safe_text(value, MAX_REASON_LEN)
 
 
 def integer(lo: int, hi: int) -> Validator:
