@@ -312,17 +312,23 @@ class Signup(Message):
 
 @dataclass(frozen=True)
 class SignupAck(Message):
-    """The scheduler queued the peer; ``queued`` peers now wait in its session."""
+    """The scheduler queued the peer; ``queued`` peers with its schema now wait in its session.
+
+    ``note`` is empty, or says that other peers wait in the session with a
+    different model schema (rounds form only among peers of one schema).
+    """
 
     session: str
     peer_id: str
     queued: int
+    note: str = ""
 
     TYPE: ClassVar[str] = "signup_ok"
     FIELDS: ClassVar[dict[str, Validator]] = {
         "session": ident,
         "peer_id": ident,
         "queued": integer(0, MAX_MEMBERS),
+        "note": text,
     }
 
 
@@ -330,9 +336,14 @@ class SignupAck(Message):
 class SignupRejected(Message):
     """The scheduler refused the sign-up; ``code`` is machine-readable, ``reason`` says why.
 
-    Codes: ``schema_mismatch`` (the model differs from the session's), ``bad_schema``,
-    ``bad_key`` (the sign-up's key is not its connection's), ``id_in_use`` (another
-    key holds the peer id).
+    Codes: ``schema_mismatch`` (the model differs from the schema the operator
+    pinned), ``bad_schema``, ``schema_too_large`` (more elements than the
+    scheduler's ``max_elements``), ``bad_key`` (the sign-up's key is not its
+    connection's), ``id_in_use`` (another key holds the peer id),
+    ``not_admitted`` (the key is not on the scheduler's roster), ``key_quota``
+    (the key already holds ``max_ids_per_key`` queued ids), ``busy`` (the
+    scheduler's queues are full). ``reason`` is escaped and bounded
+    (:func:`safe_text`) when it is read.
     """
 
     session: str

@@ -18,7 +18,6 @@ public key, ``NAME.key_secret`` both keys and should stay private.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import secrets
@@ -31,16 +30,12 @@ import zmq
 import zmq.auth
 
 from lightning_secagg.errors import ConfigurationError
+from lightning_secagg.roster import key_fingerprint
 
 log = logging.getLogger(__name__)
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 Z85_KEY_LEN = 40
-
-
-def key_fingerprint(public_key: str) -> str:
-    """A short, non-secret name for a public key, for logs (never log a secret key)."""
-    return hashlib.sha256(public_key.encode()).hexdigest()[:12]
 
 
 def is_z85_key(value: str) -> bool:
