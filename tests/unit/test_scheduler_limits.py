@@ -106,7 +106,7 @@ def test_max_elements_is_configurable():
 def test_a_queued_schema_is_held_once_and_compactly():
     """Finding 5: a sign-up's schema used to be held at 9x its wire size per peer.
     Now its packed wire form is held once per distinct schema."""
-    big = [[f"layer{i}.weight", [64, 64, 3, 3], "float32"] for i in range(20_000)]
+    big = [[f"layer{i}.weight", [64, 64, 3, 3], "float32"] for i in range(5_000)]
     wire = len(encode(signup(0, big))[0])
     state = cli_state()
     tracemalloc.start()
