@@ -269,3 +269,39 @@ def test_roster_file_format():
     overflow = "#" * 40  # Z85 alphabet, but its groups exceed 32 bits
     with pytest.raises(ConfigurationError, match="line 1"):
         Roster.parse(f"x {overflow}")
+
+
+def test_roster_file_is_reread_on_change_at_a_bounded_rate_and_a_bad_edit_keeps_the_old(
+    tmp_path, caplog
+):
+    from lightning_secagg.roster import RosterFile
+
+    path = tmp_path / "roster"
+    path.write_text(f"a {key(1)}\n")
+    clock = Clock()
+    watched = RosterFile(path, interval=1.0, clock=clock)
+    assert watched.roster.admits(key(1)) and watched.poll() is None
+    path.write_text(f"a {key(1)}\nb {key(2)}\n")
+    assert watched.poll() is None  # not looked at before the interval is over
+    clock.now += 1.0
+    new = watched.poll()
+    assert new is not None and new.admits(key(2)) and watched.poll() is None
+    assert watched.next_check() == clock.now + 1.0
+    path.write_text(f"a {key(1)}\nb not-a-key\n")
+    clock.now += 1.0
+    with caplog.at_level(logging.ERROR):
+        assert watched.poll() is None
+    assert watched.roster.admits(key(2))  # the last good roster stays
+    assert any("line 2" in r.getMessage() for r in caplog.records)
+
+
+def test_the_cli_refuses_a_malformed_roster_naming_its_lines(tmp_path, capsys):
+    from lightning_secagg.cli import main
+
+    path = tmp_path / "roster"
+    path.write_text(f"# ok\na {key(1)}\nbroken\nb {key(1)}\n")
+    assert main(["scheduler", "--port", "0", "--allow-keys", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "line 3:" in err and "line 4: key already listed on line 2" in err
+    assert main(["scheduler", "--port", "0", "--allow-keys", str(tmp_path / "none")]) == 2
+    assert "cannot read roster" in capsys.readouterr().err
