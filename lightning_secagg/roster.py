@@ -2,8 +2,10 @@
 
 A roster file lists one party per line, ``name public-key``: a short name for
 logs, then the party's 40-character Z85 CURVE public key (the ``public-key``
-of its ``NAME.key`` file, see ``lightning-secagg keygen``). ``#`` starts a
-comment; blank lines are ignored. A malformed line, a key or a name listed
+of its ``NAME.key`` file, see ``lightning-secagg keygen``). A line whose
+first field starts with ``#`` is a comment, and so is everything from a
+third field that starts with ``#`` (Z85 keys may contain ``#`` themselves);
+blank lines are ignored. A malformed line, a key or a name listed
 twice, refuses the whole file with every bad line's number: a half-read
 roster would silently admit or exclude the wrong parties.
 
@@ -80,10 +82,11 @@ class Roster:
         seen_keys: dict[str, int] = {}
         problems: list[str] = []
         for number, raw in enumerate(text.splitlines(), 1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
+            parts = raw.split()
+            if not parts or parts[0].startswith("#"):
                 continue
-            parts = line.split()
+            if len(parts) > 2 and parts[2].startswith("#"):
+                parts = parts[:2]  # a trailing comment (keys may hold "#": not split there)
             if len(parts) != 2:
                 problems.append(
                     f"line {number}: expected 'name public-key', got {len(parts)} fields"

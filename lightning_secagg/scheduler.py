@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 import zmq
 
@@ -44,6 +45,9 @@ from lightning_secagg.transport import bind_endpoint, receive_message, send_mess
 from lightning_secagg.tree import privacy_warnings, validate_tree_params
 
 log = logging.getLogger(__name__)
+
+#: What :meth:`Scheduler._guarded` returns for a step that raised.
+_FAILED: Any = object()
 
 
 class Scheduler:
@@ -264,27 +268,34 @@ class Scheduler:
         if zap is not None:
             poller.register(zap.socket, zmq.POLLIN)
         try:
+            held_until = 0.0  # after a failed step, timers wait a little: no busy loop
             while True:
-                due = self.state.next_deadline()
+                due = self._guarded(self.state.next_deadline)
+                if due is _FAILED:  # try the timers again in a second
+                    due = self._clock() + 1.0
                 wake_at = due
                 if self._roster_file is not None:
                     check = self._roster_file.next_check()
                     wake_at = check if wake_at is None else min(wake_at, check)
+                if wake_at is not None:
+                    wake_at = max(wake_at, held_until)
                 timeout_ms = (
                     None if wake_at is None else max(0, int((wake_at - self._clock()) * 1000) + 1)
                 )
                 events = dict(poller.poll(timeout_ms))
                 if wake in events:
                     return
-                self._guarded(self._step, router, zap, events, due)
+                if self._guarded(self._step, router, zap, events, due) is _FAILED:
+                    held_until = self._clock() + 0.1
         finally:
             router.close(linger=0)
             wake.close(linger=0)
             if zap is not None:
                 zap.close()
 
-    def _guarded(self, step: Callable[..., None], *args: object) -> None:
-        """Run one step of the loop; an exception ends that step, never the thread.
+    def _guarded(self, step: Callable[..., Any], *args: object) -> Any:
+        """Run one step of the loop and return its value; an exception ends that step
+        (the value is then :data:`_FAILED`), never the thread.
 
         The exception is logged as one bounded line (its type and escaped text),
         rate-limited, with its traceback only on the lines that get through; the
@@ -292,7 +303,7 @@ class Scheduler:
         ``Exception``s (interpreter exit) pass.
         """
         try:
-            step(*args)
+            return step(*args)
         except Exception as exc:
             self._errors.log(
                 logging.ERROR,
@@ -301,6 +312,7 @@ class Scheduler:
                 safe_text(exc, 200),
                 exc_info=True,
             )
+            return _FAILED
 
     def _step(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,25 @@ def test_a_pinned_schema_refuses_others_with_schema_mismatch():
         pytest.raises(SchemaMismatchError, match="accepts only models with schema"),
     ):
         p.aggregate(model(width=17), timeout=10)
+
+
+def test_a_failing_timer_neither_ends_the_thread_nor_spins(ctx, monkeypatch, caplog):
+    """Should the state's timer code raise (a bug), the thread keeps serving sign-ups and
+    retries its timers at a bounded rate instead of spinning."""
+    with Scheduler(port=0, target_size=6) as sched:
+        calls = {"n": 0}
+
+        def broken() -> float:
+            calls["n"] += 1
+            raise RuntimeError("timer bug")
+
+        with caplog.at_level(logging.ERROR, logger="lightning_secagg.scheduler"):
+            monkeypatch.setattr(sched.state, "next_deadline", broken)
+            client = Client(ctx, sched.address, sched.public_key)
+            assert client.ask("one")["t"] == "signup_ok"  # wakes the loop: timers fail
+            started = time.monotonic()
+            time.sleep(1.5)
+            assert client.ask("two", session="t")["t"] == "signup_rejected"  # key quota
+            elapsed = time.monotonic() - started
+        assert sched._thread is not None and sched._thread.is_alive()
+        assert calls["n"] <= 2 * (elapsed + 2) + 4  # about once a second, not a spin
