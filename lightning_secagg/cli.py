@@ -13,29 +13,48 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from lightning_secagg.errors import ConfigurationError
 from lightning_secagg.planner import DTYPES, RINGS
+from lightning_secagg.protocol.scheduler_state import DEFAULT_MAX_ELEMENTS
 from lightning_secagg.scheduler import Scheduler
 from lightning_secagg.security import KeyPair, write_key_files
 
 
+def scheduler_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """:class:`Scheduler`'s arguments from the ``scheduler`` command's options.
+
+    The one place the CLI's defaults become a scheduler: tests build their
+    :class:`~lightning_secagg.protocol.scheduler_state.SchedulerState` through it
+    too (``Scheduler(**scheduler_kwargs(args)).state``), so they run what the
+    CLI runs.
+
+    Raises:
+        ConfigurationError: an unreadable key file or roster.
+    """
+    return {
+        "port": args.port,
+        "target_size": args.target_size,
+        "group_size": args.group_size,
+        "num_actors": args.num_actors,
+        "host": args.host,
+        "round_timeout": args.round_timeout,
+        "min_size": args.min_size,
+        "queue_wait": args.queue_wait,
+        "liveness_timeout": args.liveness_timeout or None,
+        "keys": KeyPair.load(args.key_file) if args.key_file else None,
+        "insecure": args.insecure,
+        "allow_keys": args.allow_keys,
+        "max_ids_per_key": args.max_ids_per_key,
+        "max_elements": args.max_elements,
+        "schema_fingerprint": args.schema_fingerprint,
+    }
+
+
 def _scheduler(args: argparse.Namespace) -> int:
     try:
-        keys = KeyPair.load(args.key_file) if args.key_file else None
-        scheduler = Scheduler(
-            port=args.port,
-            target_size=args.target_size,
-            group_size=args.group_size,
-            num_actors=args.num_actors,
-            host=args.host,
-            round_timeout=args.round_timeout,
-            min_size=args.min_size,
-            queue_wait=args.queue_wait,
-            liveness_timeout=args.liveness_timeout or None,
-            keys=keys,
-            insecure=args.insecure,
-        ).start()
+        scheduler = Scheduler(**scheduler_kwargs(args)).start()
     except ConfigurationError as exc:
         print(f"lightning-secagg scheduler: error: {exc}", file=sys.stderr)
         return 2
@@ -57,6 +76,14 @@ def _scheduler(args: argparse.Namespace) -> int:
         print(
             "lightning-secagg scheduler: WARNING: --insecure, links are NOT encrypted", flush=True
         )
+    if args.allow_keys:
+        print(f"lightning-secagg scheduler admits only the keys in {args.allow_keys}", flush=True)
+    else:
+        print(
+            "lightning-secagg scheduler: WARNING: no --allow-keys roster, anyone with a key can "
+            "join a round, and a round's privacy then depends on who does",
+            flush=True,
+        )
     print(f"lightning-secagg scheduler listening on {scheduler.address}", flush=True)
     try:
         while not stop.wait(3600):
@@ -70,7 +97,11 @@ def _scheduler(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    public, secret = write_key_files(args.directory, args.name)
+    try:
+        public, secret = write_key_files(args.directory, args.name, force=args.force)
+    except (ConfigurationError, OSError) as exc:
+        print(f"lightning-secagg keygen: error: {exc}", file=sys.stderr)
+        return 2
     print(f"public key file: {public}")
     print(f"secret key file: {secret} (keep it private)")
     print(f"public key: {KeyPair.load(secret).public}")
@@ -156,10 +187,43 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument(
         "--insecure", action="store_true", help="plaintext, unauthenticated links (debugging only)"
     )
+    sched.add_argument(
+        "--allow-keys",
+        metavar="FILE",
+        default=None,
+        help="admission control: only the public keys listed in FILE (one 'name public-key' "
+        "per line, # comments) may sign up; FILE is re-read when it changes. Without it "
+        "anyone with a key can join (logged every round)",
+    )
+    sched.add_argument(
+        "--max-ids-per-key",
+        type=int,
+        default=1,
+        help="queued peer ids one key may hold at once (default 1)",
+    )
+    sched.add_argument(
+        "--max-elements",
+        type=int,
+        default=DEFAULT_MAX_ELEMENTS,
+        help="largest model accepted at sign-up, in elements (default 2**34)",
+    )
+    sched.add_argument(
+        "--schema-fingerprint",
+        metavar="HEX",
+        default=None,
+        help="pin the model: accept only sign-ups whose schema has this fingerprint (the 16 "
+        "hex digits peers log); without it every schema is queued with its own kind",
+    )
     sched.set_defaults(func=_scheduler)
     keygen = sub.add_parser("keygen", help="write a CURVE key pair (NAME.key, NAME.key_secret)")
     keygen.add_argument("name", nargs="?", default="scheduler", help="file name stem")
     keygen.add_argument("--directory", "-d", default=".", help="where to write the files")
+    keygen.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing key files (atomically; never through a symlink). Without it "
+        "an existing file or symlink is refused",
+    )
     keygen.set_defaults(func=_keygen)
     tree = sub.add_parser(
         "tree",

@@ -13,6 +13,7 @@ a network.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,8 +33,16 @@ from lightning_secagg.messages import (
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 #: Headers between peers are tiny.
 MAX_PEER_HEADER_BYTES = 4096
+#: Decoded bytes allowed per header byte (honest headers decode to 5-8 times their size).
+DECODED_PER_BYTE = 16
+#: Decoded bytes always allowed (small headers), and never exceeded (large ones).
+DECODED_SLACK = 64 * 1024
+MAX_DECODED_BYTES = 128 * 1024 * 1024
 
 Frame = bytes | bytearray | memoryview
+
+_U16 = struct.Struct(">H").unpack_from
+_U32 = struct.Struct(">I").unpack_from
 
 
 def encode(message: Message) -> list[Any]:
@@ -50,15 +59,117 @@ def encode(message: Message) -> list[Any]:
     return frames
 
 
+def decoded_budget(size: int) -> int:
+    """Bytes a header of ``size`` bytes may decode to: bounded per byte and in total."""
+    return min(MAX_DECODED_BYTES, DECODED_SLACK + DECODED_PER_BYTE * size)
+
+
+def decoded_cost(frame: Frame, budget: int) -> int:
+    """An upper estimate of the bytes unpacking ``frame`` builds; -1 once it passes ``budget``.
+
+    msgpack's limits apply per container, so a header of nothing but empty
+    containers (one byte each on the wire, 64 or more once built) would cost
+    some 72 times its size. This linear pre-scan reads only the type bytes and
+    lengths, builds nothing, and stops as soon as the estimate passes the
+    budget, so its time is bounded by the budget too. The estimate (CPython,
+    64-bit) charges every object its container's 8-byte slot, plus 64 per list
+    and 72 or more per map, 50 + length per string of two or more characters,
+    34 + length per ``bytes``, 24 per float, 32 per int outside the cached
+    ``-5..256``: above what unpacking really allocates, never below by much.
+    Malformed input is left for msgpack to refuse: the scan just stops.
+    """
+    data = frame if isinstance(frame, bytes) else memoryview(frame).cast("B")
+    n = len(data)
+    p = 0
+    cost = 0
+    while p < n:
+        b = data[p]
+        if b <= 0x7F:
+            p += 1
+            cost += 8
+        elif b <= 0x8F:
+            k = b & 0x0F
+            cost += 80 if k == 0 else 192 + 48 * k
+            p += 1
+        elif b <= 0x9F:
+            cost += 64 + 8 * (b & 0x0F) + 8
+            p += 1
+        elif b <= 0xBF:
+            k = b & 0x1F
+            cost += 8 if k < 2 else 58 + k
+            p += 1 + k
+        elif b >= 0xE0:
+            cost += 8 if b >= 0xFB else 40
+            p += 1
+        elif b in (0xC0, 0xC2, 0xC3):
+            cost += 8
+            p += 1
+        elif b == 0xCC:
+            cost += 8
+            p += 2
+        elif b in (0xCA, 0xCB):
+            cost += 32
+            p += 5 if b == 0xCA else 9
+        elif b in (0xCD, 0xCE, 0xCF, 0xD0, 0xD1, 0xD2, 0xD3):
+            cost += 40
+            p += {0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9}[b]
+        elif b in (0xD9, 0xC4):
+            if p + 2 > n:
+                return cost
+            k = data[p + 1]
+            cost += 42 + k
+            p += 2 + k
+        elif b in (0xDA, 0xC5):
+            if p + 3 > n:
+                return cost
+            k = _U16(data, p + 1)[0]
+            cost += 42 + k
+            p += 3 + k
+        elif b in (0xDB, 0xC6):
+            if p + 5 > n:
+                return cost
+            k = _U32(data, p + 1)[0]
+            cost += 42 + k
+            p += 5 + k
+        elif b in (0xDC, 0xDE):
+            if p + 3 > n:
+                return cost
+            k = _U16(data, p + 1)[0]
+            cost += (72 + 8 * k) if b == 0xDC else (192 + 48 * k)
+            p += 3
+        elif b in (0xDD, 0xDF):
+            if p + 5 > n:
+                return cost
+            k = _U32(data, p + 1)[0]
+            cost += (72 + 8 * k) if b == 0xDD else (232 + 48 * k)
+            p += 5
+        else:  # 0xC1 (never used) and ext types: msgpack refuses them below
+            return cost
+        if cost > budget:
+            return -1
+    return cost
+
+
 def decode_header(frame: Frame, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, Any]:
     """Unpack and sanity-check a header frame.
 
+    The frame's size is checked first, then what it would decode to
+    (:func:`decoded_cost` against :func:`decoded_budget`), and only then is it
+    unpacked: the total a header can cost is bounded, not just each container.
+
     Raises:
-        RemoteProtocolError: too large, not msgpack, not a map, wrong version or type.
+        RemoteProtocolError: too large (on the wire or decoded), not msgpack,
+            not a map, wrong version or type.
     """
     size = len(frame) if not isinstance(frame, memoryview) else frame.nbytes
     if size > max_header_bytes:
         raise RemoteProtocolError(f"header of {size} bytes exceeds {max_header_bytes}")
+    budget = decoded_budget(size)
+    if decoded_cost(frame, budget) < 0:
+        raise RemoteProtocolError(
+            f"header of {size} bytes would decode to more than {budget} bytes "
+            "(too many small objects)"
+        )
     try:
         header = msgpack.unpackb(
             frame,

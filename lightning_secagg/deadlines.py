@@ -50,8 +50,15 @@ class DeadlinePolicy:
                 raise ConfigurationError(f"DeadlinePolicy.{name} must be > 0, got {value!r}")
 
     def phase_budget(self, vector_bytes: int, group_size: int) -> float:
-        """Seconds one phase may take: latency plus ``group_size`` dense vectors over one link."""
-        return self.per_phase_s + group_size * vector_bytes / self.link_bytes_per_s
+        """Seconds one phase may take: latency plus ``group_size`` dense vectors over one link.
+
+        Capped at ``max_s``: the byte count is compared as an exact int before any
+        division, so no size, however absurd, can overflow the float conversion.
+        """
+        moved = group_size * vector_bytes
+        if moved >= self.max_s * self.link_bytes_per_s:  # int vs float: exact, never raises
+            return self.max_s
+        return min(self.max_s, self.per_phase_s + moved / self.link_bytes_per_s)
 
     def round_budget(self, vector_bytes: int, depth: int, group_size: int) -> float:
         """Seconds a whole round may take (capped at ``max_s``).
@@ -61,8 +68,10 @@ class DeadlinePolicy:
             depth: Levels of the round's tree.
             group_size: Participants per group.
         """
-        total = self.setup_s + num_phases(depth) * self.phase_budget(vector_bytes, group_size)
-        return min(self.max_s, total)
+        phase = self.phase_budget(vector_bytes, group_size)
+        if phase >= self.max_s:
+            return self.max_s
+        return min(self.max_s, self.setup_s + num_phases(depth) * phase)
 
 
 DEFAULT_POLICY = DeadlinePolicy()

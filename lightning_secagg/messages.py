@@ -109,11 +109,37 @@ def public_key(value: Any) -> str:
     return value
 
 
+def safe_text(value: object, limit: int = MAX_REASON_LEN) -> str:
+    """``value`` as one printable line of at most ``limit`` characters, for logs and errors.
+
+    Text another party chose (an abort reason, a tensor name) ends up in log
+    lines and exception messages. Every character that is not printable
+    (newlines, carriage returns, escape sequences, other control and format
+    characters, line and paragraph separators) is replaced by its ``repr``
+    escape, so such text can never start a line of its own nor move a
+    terminal's cursor; the result is then cut to ``limit`` characters, the cut
+    marked with ``...``. Idempotent on its own output.
+    """
+    s = value if isinstance(value, str) else str(value)
+    out: list[str] = []
+    size = 0
+    for ch in s:
+        piece = ch if ch.isprintable() else repr(ch)[1:-1]
+        out.append(piece)
+        size += len(piece)
+        if size > limit:
+            break
+    joined = "".join(out)
+    if len(joined) > limit:
+        joined = joined[: max(0, limit - 3)] + "..."
+    return joined
+
+
 def text(value: Any) -> str:
-    """Free text (reasons), bounded."""
+    """Free text (reasons), bounded on the wire, escaped and bounded again (:func:`safe_text`)."""
     if not isinstance(value, str) or len(value) > MAX_REASON_LEN:
         raise HeaderError(f"expected text of at most {MAX_REASON_LEN} characters")
-    return value
+    return safe_text(value, MAX_REASON_LEN)
 
 
 def integer(lo: int, hi: int) -> Validator:
@@ -316,17 +342,23 @@ class Signup(Message):
 
 @dataclass(frozen=True)
 class SignupAck(Message):
-    """The scheduler queued the peer; ``queued`` peers now wait in its session."""
+    """The scheduler queued the peer; ``queued`` peers with its schema now wait in its session.
+
+    ``note`` is empty, or says that other peers wait in the session with a
+    different model schema (rounds form only among peers of one schema).
+    """
 
     session: str
     peer_id: str
     queued: int
+    note: str = ""
 
     TYPE: ClassVar[str] = "signup_ok"
     FIELDS: ClassVar[dict[str, Validator]] = {
         "session": ident,
         "peer_id": ident,
         "queued": integer(0, MAX_MEMBERS),
+        "note": text,
     }
 
 
@@ -334,9 +366,14 @@ class SignupAck(Message):
 class SignupRejected(Message):
     """The scheduler refused the sign-up; ``code`` is machine-readable, ``reason`` says why.
 
-    Codes: ``schema_mismatch`` (the model differs from the session's), ``bad_schema``,
-    ``bad_key`` (the sign-up's key is not its connection's), ``id_in_use`` (another
-    key holds the peer id).
+    Codes: ``schema_mismatch`` (the model differs from the schema the operator
+    pinned), ``bad_schema``, ``schema_too_large`` (more elements than the
+    scheduler's ``max_elements``), ``bad_key`` (the sign-up's key is not its
+    connection's), ``id_in_use`` (another key holds the peer id),
+    ``not_admitted`` (the key is not on the scheduler's roster), ``key_quota``
+    (the key already holds ``max_ids_per_key`` queued ids), ``busy`` (the
+    scheduler's queues are full). ``reason`` is escaped and bounded
+    (:func:`safe_text`) when it is read.
     """
 
     session: str

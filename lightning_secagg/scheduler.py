@@ -1,25 +1,39 @@
 """The scheduler process: a ROUTER socket and an I/O thread around :class:`SchedulerState`.
 
 The I/O thread owns the socket. It sleeps in ``zmq.Poller.poll`` until a
-message arrives, a round's deadline is due, or :meth:`Scheduler.stop` pokes it
+message arrives, a round's deadline is due, the roster file is to be looked
+at (once a second, when there is one), or :meth:`Scheduler.stop` pokes it
 through an inproc pipe: no busy loop, no sleep. ``ROUTER_MANDATORY`` makes an
 undeliverable reply an error that aborts the round instead of vanishing.
+
+Nothing a client sends can end the I/O thread: an exception while handling
+one message is logged (one bounded, rate-limited line) and that message is
+dropped; the thread goes on with the next.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 import zmq
 
 from lightning_secagg import codec
 from lightning_secagg.errors import ConfigurationError, RemoteProtocolError, RoundFailedError
-from lightning_secagg.messages import TO_SCHEDULER
-from lightning_secagg.protocol.scheduler_state import Outgoing, SchedulerState
+from lightning_secagg.messages import TO_SCHEDULER, safe_text
+from lightning_secagg.protocol.scheduler_state import (
+    DEFAULT_MAX_ELEMENTS,
+    DEFAULT_MAX_QUEUED,
+    Outgoing,
+    SchedulerState,
+)
+from lightning_secagg.ratelimit import LogLimiter
+from lightning_secagg.roster import Roster, RosterFile
 from lightning_secagg.security import (
     KeyPair,
     ZapHandler,
@@ -31,6 +45,9 @@ from lightning_secagg.transport import bind_endpoint, receive_message, send_mess
 from lightning_secagg.tree import privacy_warnings, validate_tree_params
 
 log = logging.getLogger(__name__)
+
+#: What :meth:`Scheduler._guarded` returns for a step that raised.
+_FAILED: Any = object()
 
 
 class Scheduler:
@@ -57,10 +74,20 @@ class Scheduler:
         liveness_timeout: Seconds of silence (peers heartbeat every second from
             inside ``aggregate()``) after which a queued peer is dropped and the
             round of a member is aborted for everyone. None disables it.
+        allow_keys: Admission control: a roster file (``name public-key`` per
+            line, re-read when it changes, see :mod:`lightning_secagg.roster`)
+            or a :class:`~lightning_secagg.roster.Roster`. Only its keys may
+            sign up. None admits any key, and every round says so in the log.
+        max_ids_per_key: Queued peer ids one key may hold at once.
+        max_queued: Queued peers over all sessions.
+        max_elements: Largest model accepted at sign-up, in elements.
+        schema_fingerprint: Pin the model: only sign-ups whose schema has this
+            fingerprint are accepted (otherwise each schema queues apart).
         clock: Monotonic clock (injectable for tests).
 
     Raises:
-        ConfigurationError: invalid tree parameters.
+        ConfigurationError: invalid tree parameters, an unreadable or malformed
+            roster, or a roster with ``insecure=True``.
     """
 
     def __init__(
@@ -77,6 +104,11 @@ class Scheduler:
         min_size: int | None = None,
         queue_wait: float = 10.0,
         liveness_timeout: float | None = 10.0,
+        allow_keys: str | os.PathLike[str] | Roster | None = None,
+        max_ids_per_key: int = 1,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+        schema_fingerprint: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         validate_tree_params(target_size, group_size, num_actors)
@@ -90,6 +122,16 @@ class Scheduler:
             raise ConfigurationError(f"port must be an int in [0, 65535], got {port!r}")
         self._bind = bind_endpoint(f"tcp://{host}:{port}")
         self._clock = clock
+        self._roster_file: RosterFile | None = None
+        roster: Roster | None = None
+        if isinstance(allow_keys, Roster):
+            roster = allow_keys
+        elif allow_keys is not None:
+            self._roster_file = RosterFile(allow_keys, clock=clock)
+            roster = self._roster_file.roster
+        if roster is not None and insecure:
+            raise ConfigurationError("allow_keys needs authenticated keys: not with insecure=True")
+        self._errors = LogLimiter(log, clock=clock)
         self.state = SchedulerState(
             target_size,
             group_size,
@@ -100,7 +142,14 @@ class Scheduler:
             liveness_timeout=liveness_timeout,
             clock=clock,
             insecure=insecure,
+            roster=roster,
+            max_ids_per_key=max_ids_per_key,
+            max_queued=max_queued,
+            max_elements=max_elements,
+            schema_fingerprint=schema_fingerprint,
         )
+        if roster is not None:
+            log.info("admission control: %d keys on the roster %s", len(roster), roster.source)
         self._ctx: zmq.Context | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -219,25 +268,72 @@ class Scheduler:
         if zap is not None:
             poller.register(zap.socket, zmq.POLLIN)
         try:
+            held_until = 0.0  # after a failed step, timers wait a little: no busy loop
             while True:
-                due = self.state.next_deadline()
-                timeout_ms = None if due is None else max(0, int((due - self._clock()) * 1000) + 1)
+                due = self._guarded(self.state.next_deadline)
+                if due is _FAILED:  # try the timers again in a second
+                    due = self._clock() + 1.0
+                wake_at = due
+                if self._roster_file is not None:
+                    check = self._roster_file.next_check()
+                    wake_at = check if wake_at is None else min(wake_at, check)
+                if wake_at is not None:
+                    wake_at = max(wake_at, held_until)
+                timeout_ms = (
+                    None if wake_at is None else max(0, int((wake_at - self._clock()) * 1000) + 1)
+                )
                 events = dict(poller.poll(timeout_ms))
                 if wake in events:
                     return
-                if zap is not None and zap.socket in events:
-                    zap.handle()
-                out: list[Outgoing] = []
-                if router in events:
-                    out += self._handle(router)
-                if due is not None and self._clock() >= due:
-                    out += self.state.tick()
-                self._send_all(router, out)
+                if self._guarded(self._step, router, zap, events, due) is _FAILED:
+                    held_until = self._clock() + 0.1
         finally:
             router.close(linger=0)
             wake.close(linger=0)
             if zap is not None:
                 zap.close()
+
+    def _guarded(self, step: Callable[..., Any], *args: object) -> Any:
+        """Run one step of the loop and return its value; an exception ends that step
+        (the value is then :data:`_FAILED`), never the thread.
+
+        The exception is logged as one bounded line (its type and escaped text),
+        rate-limited, with its traceback only on the lines that get through; the
+        message being handled is dropped. Only ``BaseException``s that are not
+        ``Exception``s (interpreter exit) pass.
+        """
+        try:
+            return step(*args)
+        except Exception as exc:
+            self._errors.log(
+                logging.ERROR,
+                "scheduler dropped a message it failed to handle (%s: %s)",
+                type(exc).__name__,
+                safe_text(exc, 200),
+                exc_info=True,
+            )
+            return _FAILED
+
+    def _step(
+        self,
+        router: zmq.Socket,
+        zap: ZapHandler | None,
+        events: dict[zmq.Socket, int],
+        due: float | None,
+    ) -> None:
+        """One turn of the loop: authentication, at most one message, timers, replies."""
+        if zap is not None and zap.socket in events:
+            zap.handle()
+        if self._roster_file is not None:
+            changed = self._roster_file.poll()
+            if changed is not None:
+                self.state.set_roster(changed)
+        out: list[Outgoing] = []
+        if router in events:
+            out += self._handle(router)
+        if due is not None and self._clock() >= due:
+            out += self.state.tick()
+        self._send_all(router, out)
 
     def _handle(self, router: zmq.Socket) -> list[Outgoing]:
         frames = router.recv_multipart(copy=False)
@@ -253,7 +349,9 @@ class Scheduler:
             msg = receive_message(frames[1:], codec.MAX_HEADER_BYTES, TO_SCHEDULER)
             return self.state.receive(conn, msg, key)
         except RemoteProtocolError as exc:
-            log.warning("scheduler dropped a message: %s", exc)
+            self._errors.log(
+                logging.WARNING, "scheduler dropped a message: %s", safe_text(exc, 300)
+            )
             return []
 
     def _send_all(self, router: zmq.Socket, out: list[Outgoing]) -> None:

@@ -555,6 +555,8 @@ class PeerSession:
         self._attempt.acked = True
         self.state = State.QUEUED
         log.debug("peer %s queued (%d waiting)", self.peer_id, msg.queued)
+        if msg.note:  # others wait with another model: said once per sign-up (escaped text)
+            log.warning("peer %s: the scheduler says: %s", self.peer_id, msg.note)
         return []
 
     def _on_rejected(self, msg: SignupRejected, now: float) -> list[Any]:

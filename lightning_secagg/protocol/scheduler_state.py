@@ -7,18 +7,33 @@ one of them gives up. It sees sign-ups, stats and failures, never model data.
 
 Connections are opaque ``bytes`` (ZeroMQ routing ids in production); the
 clock, the shuffle randomness and the round ids are injected.
+
+What an outsider can make it hold is bounded: a sign-up's schema is checked
+against ``max_elements`` before anything is built from it, and kept only in
+its packed wire form, once per distinct schema (``max_schema_bytes`` in all);
+a key holds at most ``max_ids_per_key`` queued peer ids and all keys together
+at most ``max_queued``; a session whose queue empties is deleted. Queues are
+grouped by schema: a round forms from peers of one session *and* one schema,
+so a peer with another model cannot keep the others out (it just waits alone).
+With a :class:`~lightning_secagg.roster.Roster`, only listed keys may sign up.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
 
 from lightning_secagg.deadlines import DEFAULT_POLICY, DeadlinePolicy
 from lightning_secagg.errors import ConfigurationError, RemoteProtocolError
 from lightning_secagg.messages import (
+    MAX_REASON_LEN,
     Abort,
     Assignment,
     Done,
@@ -30,14 +45,56 @@ from lightning_secagg.messages import (
     SignupAck,
     SignupRejected,
     is_z85_key,
+    safe_text,
 )
+from lightning_secagg.ratelimit import LogLimiter
 from lightning_secagg.ring import choose_ring
+from lightning_secagg.roster import Roster, key_fingerprint
 from lightning_secagg.schema import Schema
 from lightning_secagg.tree import AggregationTree, ShuffleRandom, build_tree, validate_tree_params
 
 log = logging.getLogger(__name__)
 
 SCHEDULER_ID = "scheduler"
+#: Default bound on a model's elements (count slot aside): 2**34, 64 GiB as float32.
+DEFAULT_MAX_ELEMENTS = 2**34
+#: Default bound on the packed schemas held at once, over all distinct schemas.
+DEFAULT_MAX_SCHEMA_BYTES = 256 * 1024 * 1024
+#: Default bound on queued peers over all sessions.
+DEFAULT_MAX_QUEUED = 10_000
+
+
+def schema_elements(entries: Sequence[Any], limit: int) -> int:
+    """Elements of a wire schema ``[[name, [dims...], dtype], ...]``, refusing more than ``limit``.
+
+    Runs before anything is built from the schema: dimensions are multiplied
+    one at a time and the count is given up as soon as it passes ``limit``, so
+    no size, however absurd, is ever multiplied out in full (nor reaches a
+    float conversion downstream).
+
+    Raises:
+        ValueError: a dimension is not a non-negative int, or the model has
+            more than ``limit`` elements (the message says which tensor).
+    """
+    total = 0
+    for entry in entries:
+        name, dims = entry[0], entry[1]
+        if not all(type(d) is int and d >= 0 for d in dims):
+            raise ValueError(f"bad shape for schema entry {safe_text(name, 80)!r}")
+        if 0 in dims:
+            continue
+        numel = 1
+        for d in dims:
+            numel *= d
+            if numel > limit:
+                break
+        total += numel
+        if total > limit:
+            raise ValueError(
+                f"the model has more than {limit} elements (tensor {safe_text(name, 80)!r} "
+                f"alone: shape of {len(dims)} dimensions); raise max_elements if this is meant"
+            )
+    return total
 
 
 @dataclass(frozen=True)
@@ -50,16 +107,52 @@ class Outgoing:
 
 @dataclass
 class _Waiting:
+    """A queued peer: what a round needs of its sign-up, and nothing bigger.
+
+    ``schema`` is the key of its schema in :attr:`SchedulerState.schemas`;
+    ``exponents`` are packed one signed byte per tensor.
+    """
+
     conn: bytes
-    signup: Signup
-    schema: Schema
+    peer_id: str
+    endpoint: str
+    public_key: str
+    weight: float
+    round_key: str
+    schema: str
+    exponents: bytes | None
     joined: float = 0.0
     seen: float = 0.0
 
 
 @dataclass
+class HeldSchema:
+    """One distinct schema, held once however many peers wait with it.
+
+    Attributes:
+        packed: ``msgpack([entries, frac_bits])``, about its size on the wire.
+        fingerprint: :meth:`Schema.fingerprint`, for logs and pinning.
+        vector_size: Ring elements of an encoded vector.
+        holders: Queued peers with this schema (deleted at 0).
+    """
+
+    packed: bytes
+    fingerprint: str
+    vector_size: int
+    holders: int = 0
+
+    def schema(self) -> Schema:
+        """Rebuild the full schema (only when a round forms)."""
+        entries, frac_bits = msgpack.unpackb(self.packed, raw=False)
+        return Schema.from_wire(entries, frac_bits)
+
+
+@dataclass
 class _Session:
+    """Peers waiting in one session, any schema, in arrival order; and how many per schema."""
+
     queue: dict[str, _Waiting] = field(default_factory=dict)
+    per_schema: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,6 +198,18 @@ class SchedulerState:
         insecure: Links are plaintext; said loudly in the log of every round.
         rng: Shuffle randomness for the tree (a CSPRNG in production).
         new_round_id: Round id factory.
+        roster: Only these keys may sign up (admission control); None admits
+            any key, which is logged once per round. Replace it with
+            :meth:`set_roster`. Needs authenticated keys (not ``insecure``).
+        max_ids_per_key: Queued peer ids one key may hold at once, all sessions
+            together (checked where the connection's key is known).
+        max_queued: Queued peers over all sessions.
+        max_elements: Largest model accepted, in elements; checked before
+            anything is built from a sign-up's schema.
+        max_schema_bytes: Packed schemas held at once, over all distinct schemas.
+        schema_fingerprint: Pin: only sign-ups whose schema has this
+            :meth:`Schema.fingerprint` are accepted (None: any schema, each
+            queued with its own kind).
     """
 
     def __init__(
@@ -122,6 +227,12 @@ class SchedulerState:
         rng: ShuffleRandom | None = None,
         new_round_id: Callable[[], str] = default_round_id,
         insecure: bool = False,
+        roster: Roster | None = None,
+        max_ids_per_key: int = 1,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+        max_schema_bytes: int = DEFAULT_MAX_SCHEMA_BYTES,
+        schema_fingerprint: str | None = None,
     ) -> None:
         validate_tree_params(target_size, group_size, num_actors)
         min_size = target_size if min_size is None else min_size
@@ -147,6 +258,27 @@ class SchedulerState:
             raise ConfigurationError(
                 f"round_timeout must be None or in (0, 86400] seconds, got {round_timeout!r}"
             )
+        for name, value in (
+            ("max_ids_per_key", max_ids_per_key),
+            ("max_queued", max_queued),
+            ("max_elements", max_elements),
+            ("max_schema_bytes", max_schema_bytes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name} must be an int >= 1, got {value!r}")
+        if roster is not None and insecure:
+            raise ConfigurationError(
+                "a roster needs authenticated keys: it cannot be used with insecure=True"
+            )
+        if schema_fingerprint is not None:
+            schema_fingerprint = str(schema_fingerprint).lower()
+            if len(schema_fingerprint) != 16 or any(
+                c not in "0123456789abcdef" for c in schema_fingerprint
+            ):
+                raise ConfigurationError(
+                    "schema_fingerprint must be the 16 hex digits of Schema.fingerprint(), "
+                    f"got {schema_fingerprint!r:.40}"
+                )
         self.target_size = target_size
         self.group_size = group_size
         self.num_actors = num_actors
@@ -159,7 +291,20 @@ class SchedulerState:
         self._rng = rng if rng is not None else secrets.SystemRandom()
         self._new_round_id = new_round_id
         self.insecure = insecure
+        self.roster = roster
+        self.max_ids_per_key = max_ids_per_key
+        self.max_queued = max_queued
+        self.max_elements = max_elements
+        self.max_schema_bytes = max_schema_bytes
+        self.schema_fingerprint = schema_fingerprint
         self.sessions: dict[str, _Session] = {}
+        #: Distinct schemas of the queued peers, by SHA-256 of their packed form.
+        self.schemas: dict[str, HeldSchema] = {}
+        self.schema_bytes = 0
+        #: Queued (session, peer id) pairs per authenticated key.
+        self.key_ids: dict[str, set[tuple[str, str]]] = {}
+        self.queued_total = 0
+        self._refusals = LogLimiter(log, clock=clock)
         self.rounds: dict[str, ActiveRound] = {}
         self.completed_rounds = 0
         self.aborted_rounds = 0
@@ -185,7 +330,23 @@ class SchedulerState:
                         conn, SignupRejected(message.session, message.peer_id, "bad_key", reason)
                     )
                 ]
-            return self._signup(conn, message)
+            if self.roster is not None and not self.roster.admits(key):
+                if self._refusals.allow():
+                    log.warning(
+                        "refusing a sign-up from key %s: not on the roster",
+                        key_fingerprint(key or message.public_key),
+                    )
+                reason = (
+                    f"this scheduler admits only the keys on its roster; yours (fingerprint "
+                    f"{key_fingerprint(key or message.public_key)}) is not on it"
+                )
+                return [
+                    Outgoing(
+                        conn,
+                        SignupRejected(message.session, message.peer_id, "not_admitted", reason),
+                    )
+                ]
+            return self._signup(conn, message, key)
         if isinstance(message, Heartbeat):
             return self._heartbeat(conn, message)
         if isinstance(message, Done):
@@ -207,8 +368,9 @@ class SchedulerState:
                 due += [w.seen + live for w in session.queue.values()]
         if self.min_size < self.target_size:
             for session in self.sessions.values():
-                if len(session.queue) >= self.min_size:
-                    due.append(min(w.joined for w in session.queue.values()) + self.queue_wait)
+                for schema in self._groups_of(session, self.min_size):
+                    oldest = min(w.joined for w in session.queue.values() if w.schema == schema)
+                    due.append(oldest + self.queue_wait)
         return min(due, default=None)
 
     def tick(self) -> list[Outgoing]:
@@ -231,23 +393,46 @@ class SchedulerState:
                         f"member {', '.join(silent)} silent for more than {live:g} s "
                         "(dead, stopped or cut off)",
                     )
-        for name, session in self.sessions.items():
+        for name, session in list(self.sessions.items()):
             self._expire_queued(name, session, now)
-            if (
-                self.min_size < self.target_size
-                and len(session.queue) >= self.min_size
-                and now >= min(w.joined for w in session.queue.values()) + self.queue_wait
-            ):
-                out += self._form_round(name, session)
+            if self.min_size >= self.target_size:
+                continue
+            for schema in self._groups_of(session, self.min_size):
+                oldest = min(w.joined for w in session.queue.values() if w.schema == schema)
+                if now >= oldest + self.queue_wait:
+                    out += self._form_round(name, session, schema)
         return out
+
+    def set_roster(self, roster: Roster | None) -> None:
+        """Replace the roster; queued peers whose key it no longer lists are dropped.
+
+        Rounds already formed run to their end.
+
+        Raises:
+            ConfigurationError: a roster on an insecure scheduler.
+        """
+        if roster is not None and self.insecure:
+            raise ConfigurationError("a roster cannot be used with insecure=True")
+        self.roster = roster
+        if roster is None:
+            return
+        for name, session in list(self.sessions.items()):
+            for pid in [p for p, w in session.queue.items() if not roster.admits(w.public_key)]:
+                log.warning(
+                    "dropping peer %s from session %r: its key %s left the roster",
+                    pid,
+                    name,
+                    key_fingerprint(session.queue[pid].public_key),
+                )
+                self._drop(name, session, pid)
 
     def unreachable(self, conn: bytes) -> list[Outgoing]:
         """The transport could not deliver to ``conn``: drop it from queues, abort its rounds."""
         out: list[Outgoing] = []
-        for session in self.sessions.values():
+        for name, session in list(self.sessions.items()):
             for pid in [p for p, w in session.queue.items() if w.conn == conn]:
                 log.warning("dropping unreachable peer %s from the queue", pid)
-                del session.queue[pid]
+                self._drop(name, session, pid)
         for rnd in [r for r in self.rounds.values() if conn in r.members.values()]:
             pid = next(p for p, c in rnd.members.items() if c == conn)
             out += self._abort(rnd, f"peer {pid} became unreachable")
@@ -261,7 +446,34 @@ class SchedulerState:
             log.warning(
                 "dropping peer %s from session %r: silent for more than %g s", pid, name, live
             )
-            del session.queue[pid]
+            self._drop(name, session, pid)
+
+    def _drop(self, name: str, session: _Session, pid: str) -> _Waiting:
+        """Remove a queued peer and everything held for it; delete its session once empty."""
+        w = session.queue.pop(pid)
+        self.queued_total -= 1
+        left = session.per_schema[w.schema] - 1
+        if left:
+            session.per_schema[w.schema] = left
+        else:
+            del session.per_schema[w.schema]
+        held = self.schemas[w.schema]
+        held.holders -= 1
+        if held.holders == 0:
+            del self.schemas[w.schema]
+            self.schema_bytes -= len(held.packed)
+        ids = self.key_ids.get(w.public_key)
+        if ids is not None:
+            ids.discard((name, pid))
+            if not ids:
+                del self.key_ids[w.public_key]
+        if not session.queue:
+            del self.sessions[name]
+        return w
+
+    def _groups_of(self, session: _Session, size: int) -> list[str]:
+        """The schemas with at least ``size`` peers waiting in ``session``."""
+        return [schema for schema, n in session.per_schema.items() if n >= size]
 
     def _heartbeat(self, conn: bytes, msg: Heartbeat) -> list[Outgoing]:
         now = self._clock()
@@ -283,28 +495,53 @@ class SchedulerState:
         return [Outgoing(conn, Rejoin(msg.session, msg.peer_id))]
 
     def queued(self, session: str) -> int:
-        """How many peers wait in ``session``."""
+        """How many peers wait in ``session`` (all schemas)."""
         s = self.sessions.get(session)
         return len(s.queue) if s else 0
 
     # -- internals -------------------------------------------------------
 
-    def _signup(self, conn: bytes, msg: Signup) -> list[Outgoing]:
+    def _refuse(self, conn: bytes, msg: Signup, code: str, reason: str) -> list[Outgoing]:
+        """A rate-limited log line and a :class:`SignupRejected` with an escaped, bounded reason."""
+        reason = safe_text(reason, MAX_REASON_LEN)
+        if self._refusals.allow():
+            log.warning("refusing %s (%s): %s", msg.peer_id, code, safe_text(reason, 300))
+        return [Outgoing(conn, SignupRejected(msg.session, msg.peer_id, code, reason))]
+
+    def _signup(self, conn: bytes, msg: Signup, key: str | None = None) -> list[Outgoing]:
+        # Sizes first: nothing is built from the schema before its element count
+        # is known to be sane (an absurd one used to overflow the deadline).
         try:
-            schema = Schema.from_wire(msg.schema, msg.frac_bits)
+            elements = schema_elements(msg.schema, self.max_elements)
         except ValueError as exc:
-            return [
-                Outgoing(
-                    conn,
-                    SignupRejected(msg.session, msg.peer_id, "bad_schema", f"bad schema: {exc}"),
-                )
-            ]
+            code = "schema_too_large" if "elements" in str(exc) else "bad_schema"
+            return self._refuse(conn, msg, code, f"bad schema: {exc}")
+        packed = msgpack.packb([msg.schema, msg.frac_bits], use_bin_type=True)
+        digest = hashlib.sha256(packed).hexdigest()
+        held = self.schemas.get(digest)
+        if held is None:
+            try:
+                schema = Schema.from_wire(msg.schema, msg.frac_bits)
+            except ValueError as exc:
+                return self._refuse(conn, msg, "bad_schema", f"bad schema: {exc}")
+            if elements == 0:
+                return self._refuse(conn, msg, "bad_schema", "bad schema: no elements")
+            fingerprint = schema.fingerprint()
+            del schema  # only the packed form is kept
+        else:
+            fingerprint = held.fingerprint
+        if self.schema_fingerprint is not None and fingerprint != self.schema_fingerprint:
+            reason = (
+                f"this scheduler accepts only models with schema fingerprint "
+                f"{self.schema_fingerprint}; yours is {fingerprint}"
+            )
+            return self._refuse(conn, msg, "schema_mismatch", reason)
         if msg.round_key and not is_z85_key(msg.round_key):
-            reason = "the round key is not a valid Z85 public key"
-            return [Outgoing(conn, SignupRejected(msg.session, msg.peer_id, "bad_key", reason))]
-        if msg.exponents is not None and len(msg.exponents) != len(schema.tensors):
-            reason = f"{len(msg.exponents)} magnitude exponents for {len(schema.tensors)} tensors"
-            return [Outgoing(conn, SignupRejected(msg.session, msg.peer_id, "bad_schema", reason))]
+            return self._refuse(conn, msg, "bad_key", "the round key is not a valid Z85 public key")
+        tensors = len(msg.schema)
+        if msg.exponents is not None and len(msg.exponents) != tensors:
+            reason = f"{len(msg.exponents)} magnitude exponents for {tensors} tensors"
+            return self._refuse(conn, msg, "bad_schema", reason)
         holder = self._key_holding(msg.session, msg.peer_id)
         if holder is not None and holder != msg.public_key:
             # An id belongs to the key that holds it (queued or in a round): otherwise
@@ -313,8 +550,27 @@ class SchedulerState:
                 f"peer id {msg.peer_id!r} is held by another key (queued or in a round); "
                 "it is released when that peer leaves, finishes or is found dead"
             )
-            log.warning("refusing a sign-up: %s", reason)
-            return [Outgoing(conn, SignupRejected(msg.session, msg.peer_id, "id_in_use", reason))]
+            return self._refuse(conn, msg, "id_in_use", reason)
+        session_now = self.sessions.get(msg.session)
+        requeue = session_now is not None and msg.peer_id in session_now.queue
+        if key is not None and not requeue:
+            held_ids = self.key_ids.get(key, set())
+            if len(held_ids) >= self.max_ids_per_key:
+                reason = (
+                    f"your key (fingerprint {key_fingerprint(key)}) already holds "
+                    f"{len(held_ids)} queued peer id(s), the most one key may hold "
+                    f"(max_ids_per_key={self.max_ids_per_key})"
+                )
+                return self._refuse(conn, msg, "key_quota", reason)
+        if not requeue and self.queued_total >= self.max_queued:
+            reason = f"the scheduler's queues are full ({self.max_queued} peers); retry later"
+            return self._refuse(conn, msg, "busy", reason)
+        if held is None and self.schema_bytes + len(packed) > self.max_schema_bytes:
+            reason = (
+                f"the scheduler holds {self.max_schema_bytes} bytes of distinct schemas "
+                "already; retry later"
+            )
+            return self._refuse(conn, msg, "busy", reason)
         out: list[Outgoing] = []
         # A member signing up again before its Done has left its round: it cannot finish.
         for rnd in [
@@ -323,73 +579,114 @@ class SchedulerState:
             if msg.peer_id in r.members and msg.peer_id not in r.done
         ]:
             out += self._abort(rnd, f"peer {msg.peer_id} left the round and signed up again")
+        if requeue and session_now is not None:
+            self._drop(msg.session, session_now, msg.peer_id)
+        if digest not in self.schemas:  # (a re-queue may just have released it)
+            vector_size = 1 + elements
+            self.schemas[digest] = HeldSchema(packed, fingerprint, vector_size)
+            self.schema_bytes += len(packed)
+        self.schemas[digest].holders += 1
         session = self.sessions.setdefault(msg.session, _Session())
-        session.queue.pop(msg.peer_id, None)
-        reference = next(iter(session.queue.values()), None)
-        if reference is not None:
-            diff = reference.schema.difference(schema)
-            if diff is not None:
-                reason = (
-                    f"model schema differs from session {msg.session!r} "
-                    f"(fingerprint {schema.fingerprint()} vs "
-                    f"{reference.schema.fingerprint()}): {diff}"
-                )
-                log.warning("refusing %s: %s", msg.peer_id, reason)
-                return [
-                    *out,
-                    Outgoing(
-                        conn, SignupRejected(msg.session, msg.peer_id, "schema_mismatch", reason)
-                    ),
-                ]
         now = self._clock()
-        session.queue[msg.peer_id] = _Waiting(conn, msg, schema, joined=now, seen=now)
+        exps = None if msg.exponents is None else array("b", msg.exponents).tobytes()
+        session.queue[msg.peer_id] = _Waiting(
+            conn,
+            msg.peer_id,
+            msg.endpoint,
+            msg.public_key,
+            msg.weight,
+            msg.round_key,
+            digest,
+            exps,
+            joined=now,
+            seen=now,
+        )
+        session.per_schema[digest] = session.per_schema.get(digest, 0) + 1
+        self.queued_total += 1
+        if key is not None:
+            self.key_ids.setdefault(key, set()).add((msg.session, msg.peer_id))
+        mine = session.per_schema[digest]
+        note = ""
+        biggest = max(session.per_schema.values())
+        if biggest > mine:
+            others = sum(n for d, n in session.per_schema.items() if d != digest)
+            major = next(d for d, n in session.per_schema.items() if n == biggest)
+            note = (
+                f"{others} other peer(s) wait in session {msg.session!r} with a different model "
+                f"schema; yours (fingerprint {fingerprint}) forms rounds only with the "
+                f"{mine} that share it{self._difference(major, digest)}"
+            )
+            if self._refusals.allow():
+                log.warning("peer %s: %s", msg.peer_id, safe_text(note, 500))
         log.info(
-            "peer %s joined session %r (%d/%d waiting)",
+            "peer %s joined session %r, schema %s (%d/%d waiting)",
             msg.peer_id,
             msg.session,
-            len(session.queue),
+            fingerprint,
+            mine,
             self.target_size,
         )
-        out.append(Outgoing(conn, SignupAck(msg.session, msg.peer_id, len(session.queue))))
+        ack = SignupAck(msg.session, msg.peer_id, mine, safe_text(note, MAX_REASON_LEN))
+        out.append(Outgoing(conn, ack))
         self._expire_queued(msg.session, session, now)
-        while len(session.queue) >= self.target_size:
-            out += self._form_round(msg.session, session)
+        while (
+            msg.session in self.sessions
+            and self.sessions[msg.session].per_schema.get(digest, 0) >= self.target_size
+        ):
+            out += self._form_round(msg.session, self.sessions[msg.session], digest)
         return out
+
+    def _difference(self, reference: str, other: str) -> str:
+        """``": <how other differs from reference>"`` for small schemas, else ``""``.
+
+        Both are rebuilt from their packed form only when small, so a note never
+        costs more than a few times 64 KiB.
+        """
+        ref, oth = self.schemas[reference], self.schemas[other]
+        if max(len(ref.packed), len(oth.packed)) > 64 * 1024:
+            return ""
+        diff = ref.schema().difference(oth.schema())
+        return "" if diff is None else f" (most waiting peers' schema is {ref.fingerprint}: {diff})"
 
     def _key_holding(self, session: str, peer_id: str) -> str | None:
         """The public key that holds ``peer_id`` in ``session`` right now, if any."""
         queued = self.sessions.get(session)
         waiting = queued.queue.get(peer_id) if queued else None
         if waiting is not None:
-            return waiting.signup.public_key
+            return waiting.public_key
         for rnd in self.rounds.values():
             if rnd.session == session and peer_id in rnd.members and peer_id not in rnd.done:
                 return rnd.keys.get(peer_id)
         return None
 
-    def _form_round(self, name: str, session: _Session) -> list[Outgoing]:
-        chosen = [session.queue.pop(pid) for pid in list(session.queue)[: self.target_size]]
-        ids = [w.signup.peer_id for w in chosen]
+    def _form_round(self, name: str, session: _Session, digest: str) -> list[Outgoing]:
+        pids = [p for p, w in session.queue.items() if w.schema == digest][: self.target_size]
+        held = self.schemas[digest]
+        schema = held.schema()
+        chosen = [self._drop(name, session, pid) for pid in pids]
+        ids = [w.peer_id for w in chosen]
         tree = build_tree(ids, self.group_size, self.num_actors, self._rng)
         round_id = self._new_round_id()
         now = self._clock()
-        schema = chosen[0].schema
-        choice = choose_ring(schema, [w.signup.exponents for w in chosen])
+        choice = choose_ring(
+            schema,
+            [None if w.exponents is None else array("b", w.exponents).tolist() for w in chosen],
+        )
         ring, unsafe = choice.ring_bits, choice.reason
         if self.round_timeout is not None:
             budget = self.round_timeout
         else:
-            vector_bytes = ring // 8 * schema.vector_size
+            vector_bytes = ring // 8 * held.vector_size
             budget = self.deadline_policy.round_budget(vector_bytes, tree.depth, self.group_size)
         rnd = ActiveRound(
             round_id=round_id,
             session=name,
-            members={w.signup.peer_id: w.conn for w in chosen},
+            members={w.peer_id: w.conn for w in chosen},
             tree=tree,
             deadline=now + budget,
             started=now,
-            seen={w.signup.peer_id: now for w in chosen},
-            keys={w.signup.peer_id: w.signup.public_key for w in chosen},
+            seen={w.peer_id: now for w in chosen},
+            keys={w.peer_id: w.public_key for w in chosen},
         )
         self.rounds[round_id] = rnd
         if self.insecure:
@@ -397,29 +694,37 @@ class SchedulerState:
                 "round %s runs WITHOUT ENCRYPTION (insecure=True): shares travel in plaintext",
                 round_id,
             )
+        elif self.roster is None:
+            log.warning(
+                "round %s: no roster (allow_keys), so anyone with a key could join this round; "
+                "its privacy then depends on who did (see docs/threat-model.md)",
+                round_id,
+            )
         log.info(
-            "round %s of session %r: %d peers, depth %d, deadline %.1f s, %d-bit ring%s, tree %s",
+            "round %s of session %r: %d peers, schema %s, depth %d, deadline %.1f s, "
+            "%d-bit ring%s, tree %s",
             round_id,
             name,
             len(ids),
+            held.fingerprint,
             tree.depth,
             budget,
             ring,
-            f" ({unsafe})" if unsafe else "",
+            f" ({safe_text(unsafe, 200)})" if unsafe else "",
             format_tree(tree),
         )
         assignment = Assignment(
             session=name,
             round_id=round_id,
-            members=[[w.signup.peer_id, w.signup.endpoint, w.signup.public_key] for w in chosen],
+            members=[[w.peer_id, w.endpoint, w.public_key] for w in chosen],
             tree=tree.to_wire(),
             group_size=self.group_size,
             num_actors=self.num_actors,
-            total_weight=sum(w.signup.weight for w in chosen),
+            total_weight=sum(w.weight for w in chosen),
             deadline_s=budget,
             ring_bits=ring,
             exponents=list(choice.exponents) if choice.exponents is not None else None,
-            round_keys=[w.signup.round_key for w in chosen],
+            round_keys=[w.round_key for w in chosen],
         )
         return [Outgoing(w.conn, assignment) for w in chosen]
 
@@ -449,7 +754,7 @@ class SchedulerState:
             raise RemoteProtocolError(
                 f"Leave from {msg.peer_id}, which is not queued in {msg.session!r}"
             )
-        del session.queue[msg.peer_id]
+        self._drop(msg.session, session, msg.peer_id)
         log.info("peer %s left session %r", msg.peer_id, msg.session)
         return []
 
@@ -459,7 +764,7 @@ class SchedulerState:
             raise RemoteProtocolError(
                 f"Abort for unknown round {msg.round_id} or from a non-member"
             )
-        return self._abort(rnd, f"peer {msg.peer_id} gave up: {msg.reason}")
+        return self._abort(rnd, f"peer {msg.peer_id} gave up: {safe_text(msg.reason, 1024)}")
 
     def _abort(self, rnd: ActiveRound, reason: str) -> list[Outgoing]:
         del self.rounds[rnd.round_id]

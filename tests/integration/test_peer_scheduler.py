@@ -20,7 +20,6 @@ from lightning_secagg import (
     Peer,
     RoundTimeoutError,
     Scheduler,
-    SchemaMismatchError,
 )
 from lightning_secagg.cli import main
 from lightning_secagg.codec import encode
@@ -83,7 +82,9 @@ def test_extra_peers_wait_for_the_next_round():
     assert sum(means) == pytest.approx(sum(range(6)))
 
 
-def test_schema_mismatch_is_refused_with_the_difference():
+def test_another_schema_waits_apart_instead_of_being_refused():
+    """Queues are keyed by (session, schema): the odd peer neither gets the first one
+    refused nor is refused itself; each waits for peers of its own kind (here: none)."""
     with Scheduler(port=0, target_size=3) as sched:
 
         def good(p: Peer) -> object:
@@ -91,12 +92,11 @@ def test_schema_mismatch_is_refused_with_the_difference():
 
         def odd(p: Peer) -> object:
             wait_until(lambda: sched.state.queued("default") == 1, 5)
-            return p.aggregate(model(1, width=17), timeout=10)
+            return p.aggregate(model(1, width=17), timeout=3)
 
         results = run_peers(sched, [good, odd])
-    assert isinstance(results[1], SchemaMismatchError)
-    assert "'w' has shape [17], expected [16]" in str(results[1])
-    assert isinstance(results[0], RoundTimeoutError)
+    assert isinstance(results[1], RoundTimeoutError), results
+    assert isinstance(results[0], RoundTimeoutError), results
 
 
 def test_timeout_names_what_was_missing():

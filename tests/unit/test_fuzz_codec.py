@@ -10,6 +10,7 @@ the number of inputs tried is printed at the end of the module.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lightning_secagg.cli import build_parser, scheduler_kwargs
 from lightning_secagg.codec import MAX_HEADER_BYTES, MAX_PEER_HEADER_BYTES, decode, encode
 from lightning_secagg.errors import RemoteProtocolError
 from lightning_secagg.messages import (
@@ -40,6 +42,8 @@ from lightning_secagg.messages import (
     SignupAck,
     SignupRejected,
 )
+from lightning_secagg.protocol.scheduler_state import SchedulerState
+from lightning_secagg.scheduler import Scheduler
 
 EXAMPLES = int(os.environ.get("SECAGG_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(
@@ -99,11 +103,35 @@ def check(frames: list[Any], max_header: int, allowed: Any, label: str) -> None:
     assert isinstance(message, tuple(MESSAGE_TYPES.values()))
     if allowed is not None:
         assert isinstance(message, allowed)
+    if isinstance(message, TO_SCHEDULER):
+        feed_scheduler(message, label)
     again = decode([as_bytes(f) for f in encode(message)], max_header, allowed)
     assert again == message
     payload = getattr(message, "payload", None)
     if payload is not None:
         assert payload.tobytes() == as_bytes(frames[1])
+
+
+def cli_scheduler_state() -> SchedulerState:
+    """``SchedulerState`` exactly as ``lightning-secagg scheduler`` builds it (its defaults:
+    ``round_timeout=None``, liveness and queue wait on)."""
+    args = build_parser().parse_args(["scheduler", "--port", "0"])
+    return Scheduler(**scheduler_kwargs(args)).state
+
+
+SCHEDULER = cli_scheduler_state()
+
+
+def feed_scheduler(message: Message, label: str) -> None:
+    """Whatever decodes must be handled by the scheduler as the CLI runs it: a reply or
+    ``RemoteProtocolError``, never another exception; a sign-up under its own key too."""
+    COUNTS[f"{label}_to_scheduler"] += 1
+    keys = [None] if label == "schemas" else [None, KEY, getattr(message, "public_key", None)]
+    for key in keys:
+        with contextlib.suppress(RemoteProtocolError):
+            SCHEDULER.receive(b"fuzz", message, key)
+        SCHEDULER.tick()
+    assert SCHEDULER.queued_total <= SCHEDULER.max_queued
 
 
 def containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -221,3 +249,33 @@ def test_mutated_valid_messages(message, data):
 def test_valid_messages_round_trip():
     for message in VALID:
         check([as_bytes(f) for f in encode(message)], MAX_HEADER_BYTES, None, "valid")
+
+
+schema_entry = st.tuples(
+    st.text(max_size=12),
+    st.lists(st.one_of(st.integers(0, 8), st.integers(0, 2**40 - 1), st.just(2**39)), max_size=32),
+    st.sampled_from(["float32", "float64", "int64", "bool", "bfloat16", "nope"]),
+).map(list)
+
+
+SESSIONS = iter(range(10**9))
+
+
+@FUZZ
+@given(
+    st.lists(schema_entry, min_size=1, max_size=30),
+    st.one_of(st.none(), st.lists(st.integers(-64, 64), min_size=1, max_size=30)),
+)
+def test_signups_with_arbitrary_schemas_reach_the_cli_scheduler(schema, exponents):
+    """Finding 1 of issue 19: a round's worth of sign-ups with one arbitrary schema (27
+    dimensions of 2**39, say) through the codec into the scheduler the CLI builds: each
+    is refused or queued, and the round that forms has a finite deadline."""
+    session = f"f{next(SESSIONS)}"
+    rounds_before = set(SCHEDULER.rounds)
+    for i in range(SCHEDULER.target_size):
+        message = Signup(session, f"p{i}", "tcp://127.0.0.1:1", KEY, 1.0, 32, schema, exponents)
+        check([as_bytes(f) for f in encode(message)], MAX_HEADER_BYTES, TO_SCHEDULER, "schemas")
+    for rid in set(SCHEDULER.rounds) - rounds_before:
+        COUNTS["schemas_round_formed"] += 1
+        assert SCHEDULER.rounds[rid].deadline < float("inf")
+        del SCHEDULER.rounds[rid]  # it will never finish; keep the state small

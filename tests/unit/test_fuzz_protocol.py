@@ -30,6 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lightning_secagg.cli import build_parser, scheduler_kwargs
 from lightning_secagg.codec import decode, encode
 from lightning_secagg.errors import RemoteProtocolError
 from lightning_secagg.messages import (
@@ -46,6 +47,7 @@ from lightning_secagg.messages import (
 )
 from lightning_secagg.protocol.peer_round import ROOT, PeerRound, Send, dense_actor
 from lightning_secagg.protocol.scheduler_state import SchedulerState
+from lightning_secagg.scheduler import Scheduler
 from lightning_secagg.tree import build_tree
 
 EXAMPLES = int(os.environ.get("SECAGG_FUZZ_EXAMPLES", "100"))
@@ -256,16 +258,38 @@ def test_peer_round_survives_hostile_messages(tree_seed, group_size, data):
 HONEST_KEYS = [f"{c}" * 40 for c in "abc"]
 HOSTILE_KEYS = [f"{c}" * 40 for c in "xyz"]
 SCHEMA = [["w", [4], "float32"]]
+HUGE_SCHEMA = [["w", [2**39] * 27, "float32"]]
+
+
+def cli_scheduler_state(clock: Any) -> SchedulerState:
+    """``SchedulerState`` exactly as ``lightning-secagg scheduler`` builds it (its defaults:
+    ``round_timeout=None``, liveness and queue wait on), for a round of 3."""
+    args = build_parser().parse_args(
+        ["scheduler", "--port", "0", "--target-size", "3", "--group-size", "3"]
+    )
+    return Scheduler(**scheduler_kwargs(args), clock=clock).state
 
 
 def snapshot_scheduler(s: SchedulerState) -> Any:
     sessions = {
-        name: [(pid, w.conn, w.signup) for pid, w in sess.queue.items()]
-        for name, sess in s.sessions.items()
-        if sess.queue
+        name: [(pid, repr(w)) for pid, w in sess.queue.items()] for name, sess in s.sessions.items()
     }
     rounds = {rid: (dict(r.members), sorted(r.done), r.deadline) for rid, r in s.rounds.items()}
-    return sessions, rounds, s.completed_rounds, s.aborted_rounds
+    held = {d: (h.holders, h.packed) for d, h in s.schemas.items()}
+    keys = {k: sorted(v) for k, v in s.key_ids.items()}
+    return sessions, rounds, s.completed_rounds, s.aborted_rounds, held, keys, s.queued_total
+
+
+def check_scheduler_invariants(s: SchedulerState) -> None:
+    """What an outsider can make the scheduler hold stays consistent and bounded."""
+    assert all(sess.queue for sess in s.sessions.values()), "an empty session was kept"
+    queued = [w for sess in s.sessions.values() for w in sess.queue.values()]
+    assert s.queued_total == len(queued) <= s.max_queued
+    for sess in s.sessions.values():
+        assert sum(sess.per_schema.values()) == len(sess.queue)
+    assert {d: h.holders for d, h in s.schemas.items()} == dict(Counter(w.schema for w in queued))
+    assert s.schema_bytes == sum(len(h.packed) for h in s.schemas.values())
+    assert all(len(ids) <= s.max_ids_per_key for ids in s.key_ids.values())
 
 
 @st.composite
@@ -278,7 +302,19 @@ def hostile_to_scheduler(draw: st.DrawFn, round_ids: list[str]) -> tuple[bytes, 
     kind = draw(st.sampled_from(["signup", "done", "abort", "leave", "wrong"]))
     if kind == "signup":
         claimed = draw(st.sampled_from([key, *HOSTILE_KEYS]))
-        schema = draw(st.sampled_from([SCHEMA, [["w", [5], "float32"]], [["w", [4], "nope"]]]))
+        schema = draw(
+            st.sampled_from(
+                [
+                    SCHEMA,
+                    [["w", [5], "float32"]],
+                    [["w", [4], "nope"]],
+                    HUGE_SCHEMA,  # finding 1 of issue 19: overflowed the derived deadline
+                    [["w", [2**39, 2**39], "float32"]],
+                    [["w", [2**33], "float64"], ["v", [2**33], "float32"]],
+                    [["w", [0, 2**39], "float32"]],
+                ]
+            )
+        )
         weight = draw(st.floats(min_value=1e-9, max_value=1e15))
         msg: Message = Signup(session, pid, "tcp://127.0.0.1:1", claimed, weight, 32, schema)
     elif kind == "done":
@@ -296,15 +332,8 @@ def hostile_to_scheduler(draw: st.DrawFn, round_ids: list[str]) -> tuple[bytes, 
 @given(st.data())
 def test_scheduler_state_survives_hostile_messages(data):
     clock = {"t": 0.0}
-    ids = iter(f"round{i}" for i in range(1000))
-    state = SchedulerState(
-        3,
-        3,
-        2,
-        clock=lambda: clock["t"],
-        rng=random.Random(1),
-        new_round_id=lambda: next(ids),
-    )
+    state = cli_scheduler_state(lambda: clock["t"])
+    assert state.round_timeout is None
     honest = [(f"c{i}".encode(), HONEST_KEYS[i], f"p{i}") for i in range(3)]
 
     def attack() -> None:
@@ -313,11 +342,16 @@ def test_scheduler_state_survives_hostile_messages(data):
             if (
                 isinstance(msg, Signup)
                 and msg.public_key == key
-                and (msg.session == "honest" or msg.peer_id in {"p0", "p1", "p2"})
+                and (
+                    key in HONEST_KEYS
+                    or (msg.session == "honest" and msg.schema == SCHEMA)
+                    or msg.peer_id in {"p0", "p1", "p2"}
+                )
             ):
-                # A correctly keyed sign-up is legitimate; in the honest session (or
-                # under an honest id, see the threat model) it would change who is in
-                # the honest round, which is not what this property is about.
+                # A correctly keyed sign-up is legitimate: with an honest key (which an
+                # outsider does not hold), or in the honest session with the honest
+                # schema (or under an honest id, see the threat model) it would change
+                # who is in the honest round, which is not what this property is about.
                 COUNTS["scheduler_plausible_skipped"] += 1
                 continue
             before = snapshot_scheduler(state)
@@ -332,6 +366,12 @@ def test_scheduler_state_survives_hostile_messages(data):
                 assert [o.message.code for o in out] == ["bad_key"]
             for o in out:  # replies go to the attacker's connection or to its own rounds
                 assert o.conn not in {c for c, _, _ in honest}, o
+            check_scheduler_invariants(state)
+            if isinstance(msg, Signup) and msg.schema in (HUGE_SCHEMA,):
+                COUNTS["scheduler_huge_schema"] += 1
+                assert [o.message.code for o in out] in (["schema_too_large"], ["bad_key"])
+            state.tick()  # the deadline of every round formed is finite and computable
+            check_scheduler_invariants(state)
 
     attack()
     outs = []

@@ -205,20 +205,41 @@ def test_sessions_may_use_different_models():
          "frac_bits 20 != 32"),
     ],
 )  # fmt: skip
-def test_schema_mismatch_is_rejected_naming_the_difference(other, fragment):
+def test_another_schema_waits_apart_and_is_told_the_difference(other, fragment):
+    """Queues are keyed by (session, schema): a peer with another model is queued on
+    its own (it cannot get the others refused), and its ack says how it differs
+    from the schema most peers wait with."""
     state, _ = make_state(target=3)
     state.receive(conn(0), signup(0))
+    state.receive(conn(2), signup(2))
     out = state.receive(conn(1), signup(1, schema=other))
     assert len(out) == 1
     assert out[0].conn == conn(1)
-    rejected = out[0].message
-    assert isinstance(rejected, SignupRejected)
-    assert rejected.code == "schema_mismatch"
-    assert (rejected.session, rejected.peer_id) == ("s", "p1")
-    assert fragment in rejected.reason
-    assert other.fingerprint() in rejected.reason
-    assert SCHEMA.fingerprint() in rejected.reason
-    assert state.queued("s") == 1  # the odd one out is not queued
+    ack = out[0].message
+    assert isinstance(ack, SignupAck)
+    assert (ack.session, ack.peer_id, ack.queued) == ("s", "p1", 1)
+    assert fragment in ack.note
+    assert other.fingerprint() in ack.note
+    assert SCHEMA.fingerprint() in ack.note
+    assert state.queued("s") == 3 and state.rounds == {}
+    out = state.receive(conn(3), signup(3))  # the third of the majority's schema
+    a = messages(out, Assignment)[0][1]
+    assert {m[0] for m in a.members} == {"p0", "p2", "p3"}
+    assert state.queued("s") == 1
+
+
+def test_a_pinned_schema_refuses_every_other(caplog):
+    clock = Clock()
+    state = SchedulerState(3, 3, 2, clock=clock, schema_fingerprint=SCHEMA.fingerprint())
+    other = Schema.of({"w": torch.zeros(4)})
+    out = state.receive(conn(1), signup(1, schema=other))
+    (rej,) = [m for _, m in messages(out, SignupRejected)]
+    assert rej.code == "schema_mismatch"
+    assert SCHEMA.fingerprint() in rej.reason and other.fingerprint() in rej.reason
+    assert state.queued("s") == 0
+    assert messages(state.receive(conn(0), signup(0)), SignupAck)
+    with pytest.raises(ConfigurationError, match="16 hex digits"):
+        SchedulerState(3, 3, 2, clock=clock, schema_fingerprint="xyz")
 
 
 def test_malformed_schema_is_rejected_as_bad_schema():
@@ -285,8 +306,9 @@ def test_resignup_with_a_new_model_is_judged_against_the_others_not_itself():
     other = Schema.of({"x": torch.zeros(7)})
     out = state.receive(conn(0), signup(0, schema=other))
     assert out == [Outgoing(conn(0), SignupAck("s", "p0", 1))]
-    out = state.receive(conn(1), signup(1))  # the old model is now the odd one out
-    assert messages(out, SignupRejected)[0][1].code == "schema_mismatch"
+    out = state.receive(conn(1), signup(1))  # the old model: queued with its own kind
+    assert out == [Outgoing(conn(1), SignupAck("s", "p1", 1))]
+    assert state.queued("s") == 2
 
 
 def test_signup_of_a_round_member_aborts_that_round():
@@ -302,6 +324,7 @@ def test_signup_of_a_round_member_aborts_that_round():
 
 
 OTHER_KEY = "Y" * 40
+THIRD_KEY = "Z" * 40
 
 
 @pytest.mark.parametrize("where", ["queued", "in_round"])
@@ -311,7 +334,7 @@ def test_a_peer_id_belongs_to_the_key_that_holds_it(where):
     state.receive(conn(0), signup(0, key=KEY), key=KEY)
     if where == "in_round":
         state.receive(conn(1), signup(1, key=OTHER_KEY), key=OTHER_KEY)
-        state.receive(conn(2), signup(2, key=OTHER_KEY), key=OTHER_KEY)
+        state.receive(conn(2), signup(2, key=THIRD_KEY), key=THIRD_KEY)
         assert len(state.rounds) == 1
     before_rounds, before_queue = dict(state.rounds), state.queued("s")
     out = state.receive(conn(9), signup(0, key=OTHER_KEY), key=OTHER_KEY)
