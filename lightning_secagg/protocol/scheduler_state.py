@@ -322,40 +322,42 @@ class SchedulerState:
             RemoteProtocolError: the message makes no sense here (state unchanged).
         """
         if isinstance(message, Signup):
-            if key is not None and message.public_key != key:
-                reason = "the sign-up's public key is not the key of its connection"
-                log.warning("refusing %s: %s", message.peer_id, reason)
-                return [
-                    Outgoing(
-                        conn, SignupRejected(message.session, message.peer_id, "bad_key", reason)
-                    )
-                ]
-            if self.roster is not None and not self.roster.admits(key):
-                if self._refusals.allow():
-                    log.warning(
-                        "refusing a sign-up from key %s: not on the roster",
-                        key_fingerprint(key or message.public_key),
-                    )
-                reason = (
-                    f"this scheduler admits only the keys on its roster; yours (fingerprint "
-                    f"{key_fingerprint(key or message.public_key)}) is not on it"
+            return self._admit(conn, message, key)
+        handler = {
+            Heartbeat: self._heartbeat,
+            Done: self._done,
+            Leave: self._leave,
+            Abort: self._peer_abort,
+        }.get(type(message))
+        if handler is None:
+            raise RemoteProtocolError(f"scheduler does not accept {type(message).__name__}")
+        return handler(conn, message)  # type: ignore[arg-type]
+
+    def _admit(self, conn: bytes, message: Signup, key: str | None) -> list[Outgoing]:
+        """A sign-up from its connection's own key, and from a key on the roster if any."""
+        if key is not None and message.public_key != key:
+            reason = "the sign-up's public key is not the key of its connection"
+            log.warning("refusing %s: %s", message.peer_id, reason)
+            return [
+                Outgoing(conn, SignupRejected(message.session, message.peer_id, "bad_key", reason))
+            ]
+        if self.roster is not None and not self.roster.admits(key):
+            if self._refusals.allow():
+                log.warning(
+                    "refusing a sign-up from key %s: not on the roster",
+                    key_fingerprint(key or message.public_key),
                 )
-                return [
-                    Outgoing(
-                        conn,
-                        SignupRejected(message.session, message.peer_id, "not_admitted", reason),
-                    )
-                ]
-            return self._signup(conn, message, key)
-        if isinstance(message, Heartbeat):
-            return self._heartbeat(conn, message)
-        if isinstance(message, Done):
-            return self._done(conn, message)
-        if isinstance(message, Leave):
-            return self._leave(conn, message)
-        if isinstance(message, Abort):
-            return self._peer_abort(conn, message)
-        raise RemoteProtocolError(f"scheduler does not accept {type(message).__name__}")
+            reason = (
+                f"this scheduler admits only the keys on its roster; yours (fingerprint "
+                f"{key_fingerprint(key or message.public_key)}) is not on it"
+            )
+            return [
+                Outgoing(
+                    conn,
+                    SignupRejected(message.session, message.peer_id, "not_admitted", reason),
+                )
+            ]
+        return self._signup(conn, message, key)
 
     def next_deadline(self) -> float | None:
         """When :meth:`tick` next has work to do (None: nothing pending)."""
