@@ -51,7 +51,7 @@ from lightning_secagg.errors import (
     RoundFailedError,
     SchemaMismatchError,
 )
-from lightning_secagg.peer import check_peer_options
+from lightning_secagg.peer_options import check_peer_options
 
 if TYPE_CHECKING:
     from lightning_secagg.peer import Peer

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,7 +37,12 @@ from lightning_secagg.errors import (
     RemoteProtocolError,
     RoundFailedError,
 )
-from lightning_secagg.messages import FROM_SCHEDULER, ident
+from lightning_secagg.messages import FROM_SCHEDULER
+from lightning_secagg.peer_options import (  # noqa: F401 - part of this module's API
+    DEFAULT_MAX_MESSAGE_BYTES,
+    PeerOptions,
+    check_peer_options,
+)
 from lightning_secagg.protocol.peer_session import (
     Contribution,
     Disconnect,
@@ -51,7 +55,6 @@ from lightning_secagg.ring import exponents_to_declare
 from lightning_secagg.schema import (
     DEFAULT_FRAC_BITS,
     Schema,
-    check_frac_bits,
     result_span,
     round_segments,
 )
@@ -60,14 +63,11 @@ from lightning_secagg.security import (
     KeyPair,
     key_fingerprint,
     make_curve_client,
-    read_public_key,
 )
 from lightning_secagg.sharing import RandomBytes, system_random_bytes
 from lightning_secagg.transport import (
-    bind_endpoint,
     close_quietly,
     frames_nbytes,
-    is_wildcard_host,
     receive_message,
     send_frames,
     send_message,
@@ -76,9 +76,6 @@ from lightning_secagg.wire import Inbound, PlainWire, SealedWire, Transmit
 
 log = logging.getLogger(__name__)
 
-#: Default cap on one frame arriving at the inbox (``ZMQ_MAXMSGSIZE``): 1 GiB,
-#: enough for the dense share of a ~130M-parameter model.
-DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 #: Messages read off the inbox per wake-up at most, before deadlines are checked again.
 INBOX_BATCH = 64
 
@@ -100,132 +97,6 @@ def required_message_bytes(schema: Schema, *, sealed: bool = True) -> int:
     if sealed:
         largest = min(largest, CHUNK_BYTES) + TAG_BYTES
     return largest + codec.MAX_PEER_HEADER_BYTES
-
-
-@dataclass(frozen=True)
-class PeerOptions:
-    """A peer's configuration, checked: what :func:`check_peer_options` returns."""
-
-    bind: str
-    scheduler_address: str
-    session: str
-    peer_id: str
-    advertise: str | None
-    insecure: bool
-    scheduler_key: str | None
-    frac_bits: int
-    ring: str
-    linger: float
-    max_message_bytes: int
-    heartbeat_interval: float
-
-
-def check_peer_options(
-    address: str,
-    scheduler_address: str,
-    session: str = "default",
-    *,
-    scheduler_key: str | os.PathLike[str] | None = None,
-    keys: KeyPair | None = None,
-    insecure: bool = False,
-    peer_id: str | None = None,
-    advertise: str | None = None,
-    frac_bits: int = DEFAULT_FRAC_BITS,
-    ring: str = "auto",
-    linger: float = 5.0,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    heartbeat_interval: float = 1.0,
-) -> PeerOptions:
-    """Check every argument of a :class:`Peer` (the one home of these checks).
-
-    The callback calls it in its ``__init__`` too, so that a bad address, id or
-    key (a malformed ``scheduler_key`` included) is reported when it is built,
-    not when training starts. A missing ``peer_id`` becomes a random one.
-
-    Raises:
-        ConfigurationError: the argument, what is allowed, and what was given.
-    """
-
-    def endpoint(name: str, value: Any) -> str:
-        if not isinstance(value, str):
-            raise ConfigurationError(f"{name} must be a 'tcp://HOST:PORT' string, got {value!r}")
-        return bind_endpoint(value)
-
-    def seconds(name: str, value: Any, *, zero_ok: bool) -> float:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not (value >= 0 if zero_ok else value > 0)
-            or not math.isfinite(value)
-        ):
-            bound = ">= 0" if zero_ok else "> 0"
-            raise ConfigurationError(f"{name} must be a number of seconds {bound}, got {value!r}")
-        return float(value)
-
-    bind = endpoint("address", address)
-    endpoint("scheduler_address", scheduler_address)
-    peer_id = peer_id if peer_id is not None else f"peer-{secrets.token_hex(4)}"
-    for name, value in (("peer_id", peer_id), ("session", session)):
-        try:
-            ident(value)
-        except ValueError as exc:
-            raise ConfigurationError(f"{name}: {exc}") from None
-    if advertise is not None:
-        endpoint("advertise", advertise)
-        if is_wildcard_host(advertise):
-            raise ConfigurationError(
-                f"advertise must be an address other peers can connect to, got {advertise!r}"
-            )
-    elif is_wildcard_host(address):
-        raise ConfigurationError(
-            f"address {address!r} binds every interface; pass advertise='tcp://HOST:PORT' "
-            "with the address other peers should connect to"
-        )
-    if not isinstance(insecure, bool):
-        raise ConfigurationError(f"insecure must be a bool, got {insecure!r}")
-    if insecure:
-        if scheduler_key is not None or keys is not None:
-            raise ConfigurationError("scheduler_key/keys and insecure=True exclude each other")
-        key = None
-    elif scheduler_key is None:
-        raise ConfigurationError(
-            "scheduler_key is required: pass the scheduler's public key (printed by "
-            "`lightning-secagg scheduler`, or Scheduler.public_key) or its .key file; "
-            "insecure=True turns encryption off (debugging only)"
-        )
-    elif not isinstance(scheduler_key, (str, os.PathLike)):
-        raise ConfigurationError(
-            "scheduler_key must be the scheduler's public key (str) or the path of its key "
-            f"file, got {scheduler_key!r:.60}"
-        )
-    else:
-        key = read_public_key(scheduler_key)
-    check_frac_bits(frac_bits)
-    if ring not in ("auto", "64"):
-        raise ConfigurationError(f"ring must be 'auto' or '64', got {ring!r}")
-    if (
-        isinstance(max_message_bytes, bool)
-        or not isinstance(max_message_bytes, int)
-        or max_message_bytes < codec.MAX_PEER_HEADER_BYTES
-    ):
-        raise ConfigurationError(
-            f"max_message_bytes must be an int >= {codec.MAX_PEER_HEADER_BYTES}, "
-            f"got {max_message_bytes!r}"
-        )
-    return PeerOptions(
-        bind,
-        scheduler_address,
-        session,
-        peer_id,
-        advertise,
-        insecure,
-        key,
-        frac_bits,
-        ring,
-        seconds("linger", linger, zero_ok=True),
-        max_message_bytes,
-        seconds("heartbeat_interval", heartbeat_interval, zero_ok=False),
-    )
 
 
 def make_contribution(
