@@ -161,6 +161,11 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             is safe (half the bytes; each peer discloses to the scheduler the
             binary exponent of every tensor's largest magnitude); ``"64"``
             discloses nothing and keeps the 64-bit ring (see ``docs/numerics.md``).
+        preflight_timeout: Seconds ``setup`` waits for the scheduler to answer
+            before the first epoch (:meth:`Peer.preflight`): a wrong key
+            (``SchedulerKeyError``) or an unreachable scheduler
+            (``SchedulerUnreachableError``) stops ``fit`` before any training
+            step; None skips the check.
 
     Raises:
         SecureAggregationMisconfigurationError: If an argument is invalid (a
@@ -183,6 +188,7 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         max_retries: int = 2,
         log_metrics: bool = True,
         ring: str = "auto",
+        preflight_timeout: float | None = 10.0,
     ) -> None:
         super().__init__()
         self.scheduler = _normalize_endpoint("scheduler", scheduler, allow_port_zero=False)
@@ -254,6 +260,17 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             )
         self.max_retries = max_retries
         self.log_metrics = bool(log_metrics)
+        if preflight_timeout is not None and (
+            isinstance(preflight_timeout, bool)
+            or not isinstance(preflight_timeout, (int, float))
+            or not math.isfinite(preflight_timeout)
+            or preflight_timeout <= 0
+        ):
+            raise SecureAggregationMisconfigurationError(
+                "`preflight_timeout` must be None or a finite number of seconds > 0,"
+                f" found {preflight_timeout!r}."
+            )
+        self.preflight_timeout = preflight_timeout
 
         self._peer: Peer | None = None
         self._max_message_bytes: int | None = None
@@ -374,6 +391,10 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             self._peer = self._create_peer()
             try:
                 self._peer.start()
+                if self.preflight_timeout is not None:
+                    # Before the first epoch: a wrong key or an absent scheduler is
+                    # told now, not after a whole epoch and three round timeouts.
+                    self._peer.preflight(self.preflight_timeout)
             except BaseException:
                 self._stop_peer()
                 raise

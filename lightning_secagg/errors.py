@@ -70,3 +70,15 @@ class PeerIdInUseError(RoundFailedError):
 
 class SchemaMismatchError(SignupRejectedError, ValueError):
     """The model's names, shapes or dtypes differ from those of the session's other peers."""
+
+
+class PreflightError(SecAggError):
+    """The peer could not reach the scheduler before any round (see ``Peer.preflight``)."""
+
+
+class SchedulerUnreachableError(PreflightError, ConnectionError):
+    """Nothing answered at the scheduler's address: it is not running, or the address is wrong."""
+
+
+class SchedulerKeyError(PreflightError):
+    """The scheduler refused the CURVE handshake: the ``scheduler_key`` given is not its key."""

@@ -16,8 +16,10 @@ claims to come from.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import operator
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -28,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from lightning_secagg import codec
 from lightning_secagg.encoding import decode_result, decode_total, encode, magnitude_exponents
@@ -36,8 +39,10 @@ from lightning_secagg.errors import (
     LocalProtocolError,
     RemoteProtocolError,
     RoundFailedError,
+    SchedulerKeyError,
+    SchedulerUnreachableError,
 )
-from lightning_secagg.messages import FROM_SCHEDULER
+from lightning_secagg.messages import FROM_SCHEDULER, Heartbeat
 from lightning_secagg.peer_options import (  # noqa: F401 - part of this module's API
     DEFAULT_MAX_MESSAGE_BYTES,
     PeerOptions,
@@ -78,6 +83,17 @@ log = logging.getLogger(__name__)
 
 #: Messages read off the inbox per wake-up at most, before deadlines are checked again.
 INBOX_BATCH = 64
+
+
+#: What :meth:`Peer.preflight` watches on its probe connection.
+HANDSHAKE_FAILURES = frozenset(
+    {
+        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+        zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+    }
+)
+PROBE_EVENTS = zmq.EVENT_CONNECTED | functools.reduce(operator.or_, HANDSHAKE_FAILURES)
 
 
 def required_message_bytes(schema: Schema, *, sealed: bool = True) -> int:
@@ -353,6 +369,69 @@ class Peer:
         raise TypeError("a Peer owns sockets and cannot be pickled; create it in each process")
 
     # -- the round -------------------------------------------------------
+
+    def preflight(self, timeout: float = 10.0) -> float:
+        """Check, before any round, that the scheduler answers and accepts our handshake.
+
+        A separate connection with this peer's keys sends the scheduler a
+        heartbeat, which it answers at once (it does not know us yet); ZeroMQ's
+        socket monitor tells a refused CURVE handshake (the key given is not
+        the scheduler's) from an address where nothing answers. Returns the
+        seconds it took.
+
+        Raises:
+            SchedulerKeyError: the scheduler refused the handshake.
+            SchedulerUnreachableError: nothing answered within ``timeout``.
+            LocalProtocolError: the peer is not started.
+        """
+        if self._ctx is None:
+            raise LocalProtocolError("call start() (or use the peer as a context manager) first")
+        started = self._clock()
+        probe = self._ctx.socket(zmq.DEALER)
+        probe.linger = 0
+        probe.maxmsgsize = codec.MAX_HEADER_BYTES
+        if self.keys is not None and self.scheduler_key is not None:
+            make_curve_client(probe, self.keys, self.scheduler_key)
+        monitor = probe.get_monitor_socket(PROBE_EVENTS)
+        refused = connected = False
+        try:
+            probe.connect(self.scheduler_address)
+            send_message(probe, Heartbeat(self.session, self.peer_id, None))
+            poller = zmq.Poller()
+            poller.register(probe, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
+            deadline = started + timeout
+            while (now := self._clock()) < deadline:
+                events = dict(poller.poll(max(1, math.ceil((deadline - now) * 1000))))
+                if probe in events:
+                    probe.recv_multipart()  # any answer: reachable, and our handshake passed
+                    return self._clock() - started
+                while monitor in events and monitor.poll(0):
+                    event = recv_monitor_message(monitor)["event"]
+                    connected |= event == zmq.EVENT_CONNECTED
+                    refused |= event in HANDSHAKE_FAILURES
+                if refused:
+                    break  # every reconnection will be refused the same way
+        finally:
+            probe.disable_monitor()
+            monitor.close(linger=0)
+            probe.close(linger=0)
+        where = self.scheduler_address
+        if refused:
+            raise SchedulerKeyError(
+                f"the scheduler at {where} refused the CURVE handshake: scheduler_key is not "
+                "its public key; pass the key `lightning-secagg scheduler` printed (or its "
+                ".key file)"
+            )
+        if connected:
+            raise SchedulerUnreachableError(
+                f"a process at {where} accepted the connection but did not answer in "
+                f"{timeout:g} s: is it a lightning-secagg scheduler (and not an insecure one)?"
+            )
+        raise SchedulerUnreachableError(
+            f"nothing answered at {where} within {timeout:g} s: start the scheduler "
+            "(`lightning-secagg scheduler`) or fix the address"
+        )
 
     def aggregate(
         self,

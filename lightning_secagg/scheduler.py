@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from lightning_secagg import codec
 from lightning_secagg.errors import ConfigurationError, RemoteProtocolError, RoundFailedError
@@ -48,6 +49,14 @@ log = logging.getLogger(__name__)
 
 #: What :meth:`Scheduler._guarded` returns for a step that raised.
 _FAILED: Any = object()
+
+
+#: The monitor events of a refused handshake (logged, see ``Scheduler._log_handshakes``).
+HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 class Scheduler:
@@ -132,6 +141,7 @@ class Scheduler:
         if roster is not None and insecure:
             raise ConfigurationError("allow_keys needs authenticated keys: not with insecure=True")
         self._errors = LogLimiter(log, clock=clock)
+        self._handshakes = LogLimiter(log, clock=clock)
         self.state = SchedulerState(
             target_size,
             group_size,
@@ -246,15 +256,21 @@ class Scheduler:
         wake = ctx.socket(zmq.PAIR)
         wake.linger = 0
         zap: ZapHandler | None = None
+        monitor: zmq.Socket | None = None
         try:
             wake.bind(self._wake_addr)
             if self.keys is not None:
                 zap = ZapHandler(ctx)
                 make_curve_server(router, self.keys)
+                # Refused handshakes (a client with another key for us) are logged.
+                monitor = router.get_monitor_socket(HANDSHAKE_FAILURES)
             router.bind(self._bind)
             self.address = router.getsockopt_string(zmq.LAST_ENDPOINT)
         except (zmq.ZMQError, ConfigurationError) as exc:
             self._error = exc
+            if monitor is not None:
+                router.disable_monitor()
+                monitor.close(linger=0)
             router.close(linger=0)
             wake.close(linger=0)
             if zap is not None:
@@ -267,6 +283,8 @@ class Scheduler:
         poller.register(wake, zmq.POLLIN)
         if zap is not None:
             poller.register(zap.socket, zmq.POLLIN)
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         try:
             held_until = 0.0  # after a failed step, timers wait a little: no busy loop
             while True:
@@ -285,13 +303,36 @@ class Scheduler:
                 events = dict(poller.poll(timeout_ms))
                 if wake in events:
                     return
+                if monitor is not None and monitor in events:
+                    self._guarded(self._log_handshakes, monitor)
                 if self._guarded(self._step, router, zap, events, due) is _FAILED:
                     held_until = self._clock() + 0.1
         finally:
+            if monitor is not None:
+                router.disable_monitor()
+                monitor.close(linger=0)
             router.close(linger=0)
             wake.close(linger=0)
             if zap is not None:
                 zap.close()
+
+    def _log_handshakes(self, monitor: zmq.Socket) -> None:
+        """Log refused CURVE handshakes (a bounded batch a turn), rate-limited.
+
+        A client that was given another public key for this scheduler fails the
+        handshake before it can send anything: without this line the operator
+        would see nothing at all.
+        """
+        for _ in range(64):
+            if not monitor.poll(0):
+                return
+            event = recv_monitor_message(monitor)
+            self._handshakes.log(
+                logging.WARNING,
+                "scheduler at %s refused a connection: CURVE handshake failed (the client "
+                "uses another public key for this scheduler, or does not speak CURVE)",
+                safe_text(event.get("endpoint", b"?"), 80),
+            )
 
     def _guarded(self, step: Callable[..., Any], *args: object) -> Any:
         """Run one step of the loop and return its value; an exception ends that step

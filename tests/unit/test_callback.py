@@ -73,6 +73,10 @@ class FakePeer:
     def stop(self) -> None:
         self.stopped += 1
 
+    def preflight(self, timeout: float = 10.0) -> float:
+        self.preflights = getattr(self, "preflights", 0) + 1
+        return 0.0
+
     def aggregate(
         self, state_dict: dict[str, torch.Tensor], weight: float = 1.0, timeout: float = 60.0
     ) -> dict[str, torch.Tensor]:
@@ -189,6 +193,8 @@ def _train(tmp_path, callbacks, model=None, trainer_cls=pl.Trainer, fit_kwargs=N
         ({"max_retries": -1}, "`max_retries` must be an integer >= 0, found -1"),
         ({"max_retries": True}, "`max_retries` must be an integer >= 0, found True"),
         ({"ring": 64}, "ring must be 'auto' or '64', got 64"),
+        ({"preflight_timeout": 0}, "`preflight_timeout` must be None or a finite number"),
+        ({"preflight_timeout": "5"}, "`preflight_timeout` must be None or a finite number"),
         ({"ring": "32"}, "ring must be 'auto' or '64', got '32'"),
     ],
 )
@@ -324,7 +330,7 @@ def test_real_peer_inbox_is_bounded_by_the_model(monkeypatch):
             pass
 
     monkeypatch.setattr(peer_module, "Peer", RecordingPeer)
-    cb = SecureAggregationCallback(insecure=True)
+    cb = SecureAggregationCallback(insecure=True, preflight_timeout=None)
     model = BoringModel()
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, max_epochs=1)
     cb.setup(trainer, model, "fit")
