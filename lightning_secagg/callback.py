@@ -51,6 +51,7 @@ from lightning_secagg.errors import (
     RoundFailedError,
     SchemaMismatchError,
 )
+from lightning_secagg.transport import is_wildcard_host
 
 if TYPE_CHECKING:
     from lightning_secagg.peer import Peer
@@ -129,7 +130,13 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             is accepted too).
         address: This peer's own listening address ``"tcp://host:port"``, or just
             a port number (bound on ``127.0.0.1``). Port 0 picks a free port.
-            Other peers must be able to reach it.
+            Other peers must be able to reach it. A wildcard host (``0.0.0.0``,
+            ``*``, ``[::]``) binds every interface and needs ``advertise``.
+        advertise: The address other peers connect to, ``"tcp://host:port"``,
+            when ``address`` binds a wildcard host (behind NAT, in a container,
+            on a machine with several interfaces). ``None`` (default): the
+            others connect to ``address`` itself. Its port is the one other
+            peers dial, so it must be a real port (not 0).
         session: Name of the aggregation session; only peers of the same session
             are averaged together.
         peer_id: Stable identifier of this peer; ``None`` lets the peer pick one.
@@ -171,6 +178,7 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         *,
         scheduler: str = "tcp://127.0.0.1:5555",
         address: str | int = "tcp://127.0.0.1:0",
+        advertise: str | None = None,
         session: str = "default",
         peer_id: str | None = None,
         scheduler_key: str | os.PathLike[str] | None = None,
@@ -197,6 +205,22 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 )
             address = f"tcp://127.0.0.1:{address}"
         self.address = _normalize_endpoint("address", address, allow_port_zero=True)
+        # Checked here, not in setup(): a peer that binds every interface without
+        # telling the others where to reach it would only fail at its first round.
+        if advertise is None:
+            if is_wildcard_host(self.address):
+                raise SecureAggregationMisconfigurationError(
+                    f"`address` {address!r} binds every interface, which other peers cannot"
+                    " connect to; pass `advertise='tcp://HOST:PORT'` with the address they"
+                    " should dial (this host's reachable address and the bound port)."
+                )
+            self.advertise: str | None = None
+        else:
+            self.advertise = _normalize_endpoint("advertise", advertise, allow_port_zero=False)
+            if is_wildcard_host(self.advertise):
+                raise SecureAggregationMisconfigurationError(
+                    f"`advertise` must be an address other peers can dial, found {advertise!r}."
+                )
         if not isinstance(session, str) or not session:
             raise SecureAggregationMisconfigurationError(
                 f"`session` must be a non-empty string, found {session!r}."
@@ -405,6 +429,8 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             kwargs["insecure"] = True
         if self.ring != "auto":
             kwargs["ring"] = self.ring
+        if self.advertise is not None:
+            kwargs["advertise"] = self.advertise
         return Peer(self.address, self.scheduler, **kwargs)
 
     @override
