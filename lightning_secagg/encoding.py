@@ -55,6 +55,7 @@ from lightning_secagg.errors import (
     InvalidTotalError,
     SchemaMismatchError,
 )
+from lightning_secagg.threads import single_threaded_pass
 
 DEFAULT_FRAC_BITS = 32
 #: Elements encoded per step (a 512 KiB float64 temporary).
@@ -298,6 +299,7 @@ def value_limit(frac_bits: int) -> float:
     return float(2 ** (SUM_BITS - frac_bits))
 
 
+@single_threaded_pass
 def magnitude_exponents(
     state_dict: Mapping[str, torch.Tensor], frac_bits: int = DEFAULT_FRAC_BITS
 ) -> list[int]:
@@ -522,6 +524,7 @@ def result_span(schema: Schema, a: int, b: int) -> tuple[int, int]:
     return byte_of(a), byte_of(b)
 
 
+@single_threaded_pass
 def encode(
     state_dict: Mapping[str, torch.Tensor],
     schema: Schema,
@@ -588,6 +591,7 @@ def encode(
     return out
 
 
+@single_threaded_pass
 def decode_total(
     total: np.ndarray,
     schema: Schema,
@@ -691,6 +695,7 @@ def decode_total(
     return out
 
 
+@single_threaded_pass
 def decode_result(
     buffer: np.ndarray | bytes | memoryview, schema: Schema, *, adopt: bool = False
 ) -> dict[str, torch.Tensor]:
