@@ -227,8 +227,9 @@ class Network:
         self._created.clear()
 
     def _add_netns(self, name: str) -> None:
-        _run("ip", "netns", "add", name)
+        # Recorded first: a Ctrl-C while `ip netns add` runs still gets it deleted.
         self._created.append(name)
+        _run("ip", "netns", "add", name)
         _run("ip", "-n", name, "link", "set", "lo", "up")
 
     def _build(self) -> None:
