@@ -25,10 +25,26 @@ tree, and the allocator keeps some of what a heavy round used, so that peak
 is the process's, not a role's; the JSON also has each round's peak and its
 growth within the round, by role.
 
+Bandwidth-bound (``--rate``, root only): every peer and every gloo rank runs on
+a host of its own (a network namespace of :mod:`benchmarks.netns`, the peer
+bound to ``0.0.0.0`` and advertising its host's address), each host's link
+capped at the rate both ways; the scheduler's host is uncapped. The table then
+adds, per row, the median of the slowest process's whole call
+(``aggregate()``, ``all_reduce``) and the lower bound of a secure round: the
+busiest host's bytes one way (the planner's, :mod:`lightning_secagg.planner`,
+and the measured ones) divided by the rate.
+
+Torch threads (``--torch-threads``): ``1`` (the default) runs every process
+with one intra-op thread, as the example does; ``default`` leaves torch's own
+default (one thread per core), what a user gets without tuning, to show what
+several peers on one host do to each other.
+
 Usage::
 
     python benchmarks/bench_rounds.py --peers 6 12 30 --rounds 20 --warmup 3
     python benchmarks/bench_rounds.py --model resnet50 --peers 6
+    python benchmarks/bench_rounds.py --peers 6 12 --rate 100mbit   # root: namespaces
+    python benchmarks/bench_rounds.py --peers 6 --torch-threads default
 """
 
 from __future__ import annotations
@@ -38,6 +54,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,6 +64,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+#: The port every peer listens on in its own namespace (each host has its own ports).
+NET_PEER_PORT = 6000
+#: The scheduler's port on its host, and rank 0's for gloo's rendezvous.
+NET_SCHED_PORT, NET_GLOO_PORT = 5555, 29500
+
+
+def set_threads(threads: str) -> None:
+    """One intra-op thread, or torch's default (``"default"``)."""
+    import torch
+
+    if threads != "default":
+        torch.set_num_threads(int(threads))
 
 
 def build_state(model: str) -> dict:
@@ -91,10 +121,12 @@ def gloo_worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
+    set_threads(args.torch_threads)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=args.world
+        "gloo",
+        init_method=f"tcp://{args.gloo_host}:{args.port}",
+        rank=args.rank,
+        world_size=args.world,
     )
     state = build_state(args.model)
     flat = torch.cat([t.detach().reshape(-1).float() for t in state.values()])
@@ -108,8 +140,11 @@ def gloo_worker(args: argparse.Namespace) -> None:
         end, cpu = time.time(), time.process_time() - cpu0
         if r >= args.warmup:
             records.append({"start": start, "end": end, "cpu": cpu})
-    dist.destroy_process_group()
     Path(args.out).write_text(json.dumps({"records": records, "nbytes": flat.numel() * 4}))
+    # Nobody leaves while another rank still talks to rank 0's store: without this
+    # barrier a short run could end rank 0 first and abort another rank in its exit.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 PROFILE = None
@@ -122,16 +157,16 @@ if os.environ.get("BENCH_PROFILE"):  # a directory: one cProfile dump per peer, 
 
 
 def secagg_worker(args: argparse.Namespace) -> None:
-    import torch
 
     from lightning_secagg import Peer
 
-    torch.set_num_threads(1)
+    set_threads(args.torch_threads)
     state = build_state(args.model)
     records = []
     with Peer(
-        "tcp://127.0.0.1:0",
+        args.bind,
         args.scheduler,
+        advertise=args.advertise,
         peer_id=f"p{args.rank}",
         scheduler_key=None if args.insecure else args.key,
         insecure=args.insecure,
@@ -181,6 +216,25 @@ def secagg_worker(args: argparse.Namespace) -> None:
 
 # -- the driver ----------------------------------------------------------------------------
 
+#: The network of the current N under ``--rate`` (hosts "sched", "h0", "h1"...), else None.
+NET = None
+
+
+def bench_on_network(n: int, args: argparse.Namespace, tmp: Path) -> dict:
+    """:func:`bench` for one N, on a fresh network of N + 1 hosts under ``--rate``."""
+    global NET
+    if args.rate is None:
+        return bench(n, args, tmp)
+    from benchmarks.netns import Network
+
+    # Peer i and gloo rank i share host h{i}: they never run at the same time.
+    with Network(["sched", *(f"h{i}" for i in range(n))], args.rate, uncapped=["sched"]) as net:
+        NET = net
+        try:
+            return bench(n, args, tmp)
+        finally:
+            NET = None
+
 
 def free_port() -> int:
     import socket
@@ -190,9 +244,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_procs(cmds: list[list[str]], timeout: float) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen(c, env=env) for c in cmds]
+def worker_env(args: argparse.Namespace) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": args.gloo_ifname}
+    if args.torch_threads == "default":
+        env.pop("OMP_NUM_THREADS", None)  # torch's own default: one thread per core
+    else:
+        env["OMP_NUM_THREADS"] = args.torch_threads
+    return env
+
+
+def start(cmd: list[str], host: str | None, args: argparse.Namespace, **kw) -> subprocess.Popen:
+    """Start a worker: on ``host`` of the network under ``--rate``, else here."""
+    if NET is not None and host is not None:
+        return NET.popen(host, cmd, env=worker_env(args), **kw)
+    return subprocess.Popen(cmd, env=worker_env(args), **kw)
+
+
+def run_procs(cmds: list[tuple[str | None, list[str]]], timeout: float, args) -> None:
+    procs = [start(c, host, args) for host, c in cmds]
     try:
         for p in procs:
             if p.wait(timeout=timeout) != 0:
@@ -202,6 +271,15 @@ def run_procs(cmds: list[list[str]], timeout: float) -> None:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def slowest_calls(per_proc: list[dict]) -> list[float]:
+    """Per round, the longest single call (``aggregate()`` or ``all_reduce``) of any process."""
+    rounds = len(per_proc[0]["records"])
+    return [
+        max(p["records"][r]["end"] - p["records"][r]["start"] for p in per_proc)
+        for r in range(rounds)
+    ]
 
 
 def round_times(per_proc: list[dict]) -> list[float]:
@@ -216,33 +294,114 @@ def round_times(per_proc: list[dict]) -> list[float]:
 
 def run_gloo(n: int, args: argparse.Namespace, tmp: Path, tag: str) -> list[dict]:
     """One run of the gloo baseline: every process's records."""
-    port = free_port()
+    port = NET_GLOO_PORT if NET is not None else free_port()
     outs = [tmp / f"gloo-{n}-{tag}-{i}.json" for i in range(n)]
     run_procs(
         [
-            [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "_gloo",
-                *common_args(args),
-                "--rank",
-                str(i),
-                "--world",
-                str(n),
-                "--port",
-                str(port),
-                "--out",
-                str(outs[i]),
-            ]
+            (
+                f"h{i}",
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "_gloo",
+                    *common_args(args),
+                    "--rank",
+                    str(i),
+                    "--world",
+                    str(n),
+                    "--port",
+                    str(port),
+                    f"--gloo-host={NET.hosts['h0'].address if NET is not None else '127.0.0.1'}",
+                    "--out",
+                    str(outs[i]),
+                ],
+            )
             for i in range(n)
         ],
         timeout=1800,
+        args=args,
     )
     return [json.loads(o.read_text()) for o in outs]
 
 
 def common_args(args: argparse.Namespace) -> list[str]:
-    return ["--model", args.model, "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
+    return [
+        "--model",
+        args.model,
+        "--rounds",
+        str(args.rounds),
+        "--warmup",
+        str(args.warmup),
+        "--torch-threads",
+        args.torch_threads,
+    ]
+
+
+def scheduler_kwargs(n: int, args: argparse.Namespace) -> dict:
+    return {
+        "target_size": n,
+        "round_timeout": 600,
+        "insecure": args.insecure,
+        **({"group_size": args.group_size} if args.group_size else {}),
+        **({"num_actors": args.num_actors} if args.num_actors else {}),
+    }
+
+
+def scheduler_worker(args: argparse.Namespace) -> None:
+    """Run a scheduler on this host until stdin closes; its address and key go to ``--out``."""
+    from lightning_secagg import Scheduler
+
+    kwargs = scheduler_kwargs(args.world, args)
+    with Scheduler(port=args.port, host=args.gloo_host, **kwargs) as sched:
+        Path(args.out).write_text(json.dumps({"address": sched.address, "key": sched.public_key}))
+        sys.stdin.read()  # the driver closes our stdin to stop us
+
+
+class remote_scheduler:
+    """A scheduler process on the network's uncapped ``sched`` host."""
+
+    def __init__(self, n: int, args: argparse.Namespace, tmp: Path) -> None:
+        self.out = tmp / f"sched-{n}.json"
+        me = [sys.executable, str(Path(__file__).resolve()), "_scheduler"]
+        extra = [
+            *(["--group-size", str(args.group_size)] if args.group_size else []),
+            *(["--num-actors", str(args.num_actors)] if args.num_actors else []),
+            *(["--insecure"] if args.insecure else []),
+        ]
+        self.proc = start(
+            [
+                *me,
+                "--world",
+                str(n),
+                "--port",
+                str(NET_SCHED_PORT),
+                f"--gloo-host={NET.hosts['sched'].address}",
+                "--out",
+                str(self.out),
+                *extra,
+            ],
+            "sched",
+            args,
+            stdin=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 60
+        while not self.out.exists() or not self.out.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the scheduler did not start")
+            time.sleep(0.05)
+        info = json.loads(self.out.read_text())
+        self.address, self.public_key = info["address"], info["key"]
+
+    def __enter__(self) -> remote_scheduler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
@@ -256,32 +415,48 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
     from lightning_secagg import Scheduler
 
     outs = [tmp / f"secagg-{n}-{i}.json" for i in range(n)]
-    with Scheduler(
-        port=0,
-        target_size=n,
-        round_timeout=600,
-        insecure=args.insecure,
-        **({"group_size": args.group_size} if args.group_size else {}),
-        **({"num_actors": args.num_actors} if args.num_actors else {}),
-    ) as sched:
+
+    def where(i: int) -> list[str]:
+        if NET is None:
+            return ["--bind", "tcp://127.0.0.1:0"]
+        # A wildcard bind, as behind NAT or in a container: the others dial the
+        # advertised address of this host.
+        return [
+            "--bind",
+            f"tcp://0.0.0.0:{NET_PEER_PORT}",
+            "--advertise",
+            NET.hosts[f"h{i}"].endpoint(NET_PEER_PORT),
+        ]
+
+    sched_cm = (
+        remote_scheduler(n, args, tmp)
+        if NET is not None
+        else Scheduler(port=0, **scheduler_kwargs(n, args))
+    )
+    with sched_cm as sched:
         run_procs(
             [
-                [
-                    *me,
-                    "_secagg",
-                    *common,
-                    "--rank",
-                    str(i),
-                    "--scheduler",
-                    sched.address,
-                    f"--key={sched.public_key}",  # a Z85 key may start with "-"
-                    *(["--insecure"] if args.insecure else []),
-                    "--out",
-                    str(outs[i]),
-                ]
+                (
+                    f"h{i}",
+                    [
+                        *me,
+                        "_secagg",
+                        *common,
+                        "--rank",
+                        str(i),
+                        "--scheduler",
+                        sched.address,
+                        f"--key={sched.public_key}",  # a Z85 key may start with "-"
+                        *(["--insecure"] if args.insecure else []),
+                        *where(i),
+                        "--out",
+                        str(outs[i]),
+                    ],
+                )
                 for i in range(n)
             ],
             timeout=3600,
+            args=args,
         )
     sec = [json.loads(o.read_text()) for o in outs]
     gloo_runs.append(run_gloo(n, args, tmp, "after"))
@@ -314,12 +489,25 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
             for r in range(len(procs[0]["records"]))
         )
 
+    # The busiest host, one way (each direction of a link is capped on its own):
+    # per round, the most any peer sent or received; and the planner's figure.
+    busiest = statistics.median(
+        max(max(p["records"][r]["sent"], p["records"][r]["received"]) for p in sec)
+        for r in range(len(sec[0]["records"]))
+    )
     return {
         "n": n,
         "model": args.model,
         "model_bytes": model_bytes,
         "gloo": g,
         "secagg": s,
+        "gloo_slowest_call": [t for run in gloo_runs for t in slowest_calls(run)],
+        "secagg_slowest_call": slowest_calls(sec),
+        "busiest_bytes": busiest,
+        "planner_busiest_bytes": planner_busiest(n, args),
+        "mean_bytes": statistics.mean(
+            max(rec["sent"], rec["received"]) for p in sec for rec in p["records"]
+        ),
         "bytes": {k: max(v) for k, v in by_role.items()},
         "cpu": {k: statistics.median(v) for k, v in cpu_by_role.items()},
         "cpu_total": total_cpu([sec], "cpu"),
@@ -332,6 +520,53 @@ def bench(n: int, args: argparse.Namespace, tmp: Path) -> dict:
         "peak_extra_by_role": peak_by_role,
         "growth_by_role": growth_by_role,
     }
+
+
+#: Seeded tree draws the planner's busiest host is taken over (the scheduler draws
+#: with a CSPRNG; which peers are actors at several levels changes the figure).
+PLANNER_DRAWS = 11
+
+
+def planner_busiest(n: int, args: argparse.Namespace) -> list[int]:
+    """The planner's busiest host, the most one peer sends or receives, per seeded draw."""
+    from lightning_secagg.encoding import Schema, magnitude_exponents
+    from lightning_secagg.planner import plan
+
+    state = build_state(args.model)
+    schema, exponents = Schema.of(state), magnitude_exponents(state)
+    busiest = []
+    for seed in range(PLANNER_DRAWS):
+        p = plan(
+            n,
+            args.group_size or 3,
+            args.num_actors or 2,
+            seed=seed,
+            schema=schema,
+            exponents=exponents,
+        )
+        busiest.append(max(max(x.bytes_sent, x.bytes_received) for x in p.peers))
+    return busiest
+
+
+def fmt_net_row(res: dict, rate: str) -> str:
+    from benchmarks.netns import rate_bits
+
+    bits = rate_bits(rate)
+    sc, gc = (
+        statistics.median(res["secagg_slowest_call"]),
+        statistics.median(res["gloo_slowest_call"]),
+    )
+    draws = res["planner_busiest_bytes"]
+    planner = statistics.median(draws)
+    bound = planner * 8 / bits
+    mb = res["model_bytes"]
+    gloo_bound = 2 * (res["n"] - 1) / res["n"] * mb * 8 / bits
+    return (
+        f"| {res['n']} | {res['model']} ({mb / 1e6:.1f} MB) | {sc * 1e3:.0f} | {gc * 1e3:.0f} "
+        f"| {sc / gc:.2f}x | {planner / 1e6:.1f} ({min(draws) / 1e6:.1f}-{max(draws) / 1e6:.1f}) / "
+        f"{res['busiest_bytes'] / 1e6:.1f} / {res['mean_bytes'] / 1e6:.1f} "
+        f"| {bound * 1e3:.0f} | {sc / bound:.2f}x | {gloo_bound * 1e3:.0f} |"
+    )
 
 
 def fmt_row(res: dict) -> str:
@@ -358,7 +593,9 @@ def fmt_cpu_row(res: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", nargs="?", default="bench", choices=["bench", "_gloo", "_secagg"])
+    parser.add_argument(
+        "mode", nargs="?", default="bench", choices=["bench", "_gloo", "_secagg", "_scheduler"]
+    )
     parser.add_argument("--peers", type=int, nargs="+", default=[6, 12, 30])
     parser.add_argument("--model", default="mnist", choices=["mnist", "resnet50"])
     parser.add_argument("--rounds", type=int, default=20)
@@ -375,7 +612,22 @@ def main() -> None:
     parser.add_argument(
         "--num-actors", type=int, default=None, help="the scheduler's num_actors (default: its own)"
     )
+    parser.add_argument(
+        "--rate",
+        default=None,
+        help="cap every host's link at this rate both ways (tc syntax, e.g. 100mbit): every "
+        "peer and gloo rank on a network namespace of its own (needs root)",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        default="1",
+        help="intra-op threads per process: a number, or 'default' (torch's own: one per core)",
+    )
     # worker-only arguments
+    parser.add_argument("--bind", default="tcp://127.0.0.1:0")
+    parser.add_argument("--advertise", default=None)
+    parser.add_argument("--gloo-host", default="127.0.0.1")
+    parser.add_argument("--gloo-ifname", default="eth0")
     parser.add_argument("--rank", type=int)
     parser.add_argument("--world", type=int)
     parser.add_argument("--port", type=int)
@@ -387,16 +639,44 @@ def main() -> None:
         return gloo_worker(args)
     if args.mode == "_secagg":
         return secagg_worker(args)
+    if args.mode == "_scheduler":
+        return scheduler_worker(args)
+    if args.torch_threads != "default" and not args.torch_threads.isdigit():
+        raise SystemExit("--torch-threads: a number or 'default'")
+    if args.rate is not None:
+        from benchmarks.netns import rate_bits, unavailable_reason
+
+        rate_bits(args.rate)
+        reason = unavailable_reason()
+        if reason:
+            raise SystemExit(f"--rate needs network namespaces: {reason}")
+    # A SIGTERM ends the run through the same exits as Ctrl-C: the network's
+    # namespaces and processes are removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = []
     with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o755)
         for n in args.peers:
-            results.append(bench(n, args, Path(d)))
+            results.append(bench_on_network(n, args, Path(d)))
             print(f"done N={n}", file=sys.stderr, flush=True)
+    where = f"every host capped at {args.rate} both ways" if args.rate else "loopback"
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
-        f"{args.rounds} rounds after {args.warmup} warm-up, loopback, "
+        f"{args.rounds} rounds after {args.warmup} warm-up, {where}, torch threads "
+        f"{args.torch_threads}, "
         f"{'PLAINTEXT links (--insecure)' if args.insecure else 'CurveZMQ on'}"
     )
+    if args.rate:
+        print(
+            "| N | model | secagg: slowest aggregate() ms, median | gloo: slowest all_reduce ms, "
+            "median | ratio | busiest host MB one way: planner, median (range) over "
+            f"{PLANNER_DRAWS} tree draws / measured, median over rounds / mean over peers "
+            "| lower bound ms: planner's busiest / rate | secagg / bound | gloo's bound ms |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for res in results:
+            print(fmt_net_row(res, args.rate))
+        print()
     print(
         "| N | model | secagg ms median / min / max | gloo ms median / min / max "
         "| ratio | bytes per peer per round (sent + received) / model, by role "

@@ -130,7 +130,13 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             is accepted too).
         address: This peer's own listening address ``"tcp://host:port"``, or just
             a port number (bound on ``127.0.0.1``). Port 0 picks a free port.
-            Other peers must be able to reach it.
+            Other peers must be able to reach it. A wildcard host (``0.0.0.0``,
+            ``*``, ``[::]``) binds every interface and needs ``advertise``.
+        advertise: The address other peers connect to, ``"tcp://host:port"``,
+            when ``address`` binds a wildcard host (behind NAT, in a container,
+            on a machine with several interfaces). ``None`` (default): the
+            others connect to ``address`` itself. Its port is the one other
+            peers dial, so it must be a real port (not 0).
         session: Name of the aggregation session; only peers of the same session
             are averaged together.
         peer_id: Stable identifier of this peer; ``None`` lets the peer pick one.
@@ -177,6 +183,7 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         *,
         scheduler: str = "tcp://127.0.0.1:5555",
         address: str | int = "tcp://127.0.0.1:0",
+        advertise: str | None = None,
         session: str = "default",
         peer_id: str | None = None,
         scheduler_key: str | os.PathLike[str] | None = None,
@@ -204,6 +211,11 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 )
             address = f"tcp://127.0.0.1:{address}"
         self.address = _normalize_endpoint("address", address, allow_port_zero=True)
+        self.advertise: str | None = (
+            None
+            if advertise is None
+            else _normalize_endpoint("advertise", advertise, allow_port_zero=False)
+        )
         # The peer's own arguments are checked where the peer checks them (one home),
         # now rather than in setup: a malformed key is reported when the callback is built.
         try:
@@ -215,6 +227,7 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 insecure=insecure,
                 peer_id=peer_id,
                 ring=ring,
+                advertise=self.advertise,
             )
         except ConfigurationError as exc:
             raise SecureAggregationMisconfigurationError(
@@ -418,6 +431,8 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             kwargs["insecure"] = True
         if self.ring != "auto":
             kwargs["ring"] = self.ring
+        if self.advertise is not None:
+            kwargs["advertise"] = self.advertise
         return Peer(self.address, self.scheduler, **kwargs)
 
     @override

@@ -50,6 +50,7 @@ from lightning_secagg.schema import (
     result_span,
     value_limit,
 )
+from lightning_secagg.threads import single_threaded_pass
 
 #: Elements encoded per step (a 512 KiB float64 temporary).
 ENCODE_CHUNK = 1 << 16
@@ -124,6 +125,7 @@ def check_state_dict(schema: Schema, state_dict: Mapping[str, torch.Tensor]) -> 
         raise SchemaMismatchError(f"state dict does not match the schema: {diff}")
 
 
+@single_threaded_pass
 def magnitude_exponents(
     state_dict: Mapping[str, torch.Tensor], frac_bits: int = DEFAULT_FRAC_BITS
 ) -> list[int]:
@@ -188,6 +190,7 @@ def check_values(
     magnitude_exponents(state_dict, frac_bits)
 
 
+@single_threaded_pass
 def encode(
     state_dict: Mapping[str, torch.Tensor],
     schema: Schema,
@@ -254,6 +257,7 @@ def encode(
     return out
 
 
+@single_threaded_pass
 def decode_total(
     total: np.ndarray,
     schema: Schema,
@@ -357,6 +361,7 @@ def decode_total(
     return out
 
 
+@single_threaded_pass
 def decode_result(
     buffer: np.ndarray | bytes | memoryview, schema: Schema
 ) -> dict[str, torch.Tensor]:

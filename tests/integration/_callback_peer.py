@@ -34,6 +34,10 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--scheduler", required=True)
+    parser.add_argument(
+        "--address", default="tcp://127.0.0.1:0", help="the peer's listening address"
+    )
+    parser.add_argument("--advertise", default=None, help="the address the others dial")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--max-epochs", type=int, default=2)
     parser.add_argument("--every-n-epochs", type=int, default=1)
@@ -71,11 +75,15 @@ def main() -> int:
             rank = trainer.global_rank
             state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
             torch.save(state, out / f"before-rank{rank}.pt")
+            if self.endpoint is not None:  # the address the others dial (rank 0's peer)
+                (out / "endpoint.txt").write_text(self.endpoint)
 
     pl.seed_everything(100 + args.index)  # every peer starts from different weights
     model = BoringModel()
     callback = Callback(
         scheduler=args.scheduler,
+        address=args.address,
+        advertise=args.advertise,
         session=args.session,
         every_n_epochs=args.every_n_epochs,
         weighting=args.weighting,

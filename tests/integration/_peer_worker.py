@@ -48,12 +48,15 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=90.0)
     parser.add_argument("--model", choices=["mixed", "compact"], default="mixed")
     parser.add_argument("--ring", choices=["auto", "64"], default="auto")
+    parser.add_argument("--bind", default="tcp://127.0.0.1:0", help="the peer's listening address")
+    parser.add_argument("--advertise", default=None, help="the address the others dial")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     records = []
     peer = Peer(
-        "tcp://127.0.0.1:0",
+        args.bind,
         args.scheduler,
+        advertise=args.advertise,
         peer_id=f"peer{args.index}",
         scheduler_key=args.scheduler_key,
         insecure=args.insecure,
@@ -75,6 +78,7 @@ def main() -> int:
                     "dtypes": {k: str(v.dtype) for k, v in result.items()},
                     "shapes": {k: list(v.shape) for k, v in result.items()},
                     "values": values,
+                    "endpoint": peer.endpoint,
                     "stats": {
                         "round_id": stats.round_id,
                         "bytes_sent": stats.bytes_sent,

@@ -64,3 +64,25 @@ def test_bench_rounds_table_and_json(tmp_path: Path) -> None:
     # The printed table carries the same run.
     line = next(x for x in out.splitlines() if x.startswith("| 3 | mnist"))
     assert f"leaf {leaf / model_bytes:.2f}x" in line
+
+
+@pytest.mark.timeout(300)
+def test_bench_rounds_on_capped_hosts(tmp_path: Path) -> None:
+    """``--rate``: every process on a capped host of its own; the busiest host's
+    bytes measured are the planner's (N = 3: one group, the same for every draw),
+    up to the headers' peer ids and addresses, which the planner makes up."""
+    from benchmarks.netns import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"--rate needs network namespaces: {reason}")
+    result = tmp_path / "bench.json"
+    args = [str(BENCH / "bench_rounds.py"), "--peers", "3", "--rounds", "1", "--warmup", "1"]
+    out = run_script([*args, "--rate", "100mbit", "--json", str(result)], tmp_path, timeout=270)
+    (row,) = json.loads(result.read_text())
+    (planned,) = set(row["planner_busiest_bytes"])
+    assert abs(planned - row["busiest_bytes"]) <= 1000, (planned, row["busiest_bytes"])
+    # A 100 Mbit/s link cannot move the busiest host's bytes faster than the rate.
+    assert min(row["secagg_slowest_call"]) >= row["busiest_bytes"] * 8 / 100e6
+    assert "every host capped at 100mbit both ways" in out
+    assert re.search(r"^\| 3 \| mnist \(4\.8 MB\) \| \d+ \| \d+ \| ", out, flags=re.MULTILINE), out

@@ -196,6 +196,19 @@ def _train(tmp_path, callbacks, model=None, trainer_cls=pl.Trainer, fit_kwargs=N
         ({"preflight_timeout": 0}, "`preflight_timeout` must be None or a finite number"),
         ({"preflight_timeout": "5"}, "`preflight_timeout` must be None or a finite number"),
         ({"ring": "32"}, "ring must be 'auto' or '64', got '32'"),
+        ({"address": "tcp://0.0.0.0:6000"}, r"binds every interface.*advertise="),
+        ({"address": "tcp://*:6000"}, r"binds every interface.*advertise="),
+        ({"address": "0.0.0.0:6000"}, r"binds every interface.*advertise="),
+        ({"address": "tcp://0.0.0.0:6000", "advertise": 6000}, "`advertise` must be"),
+        ({"address": "tcp://0.0.0.0:6000", "advertise": "udp://h:1"}, "`advertise` must look"),
+        (
+            {"address": "tcp://0.0.0.0:6000", "advertise": "tcp://198.18.0.2:0"},
+            r"`advertise` port must be in \[1, 65535\]",
+        ),
+        (
+            {"address": "tcp://0.0.0.0:6000", "advertise": "tcp://0.0.0.0:6000"},
+            "advertise must be an address other peers can connect to",
+        ),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -232,6 +245,30 @@ def test_ring_reaches_the_embedded_peer():
     assert isinstance(default, Peer) and default.ring == "auto"
     wide = SecureAggregationCallback(insecure=True, ring="64")._create_peer()
     assert wide.ring == "64"
+
+
+def test_advertise_reaches_the_embedded_peer(monkeypatch):
+    """A wildcard bind with ``advertise`` is accepted and handed to the peer, which
+    announces it (not the wildcard) to the others; without it nothing is passed."""
+    import lightning_secagg.peer as peer_module
+
+    seen = []
+    monkeypatch.setattr(
+        peer_module, "Peer", lambda address, scheduler, **kw: seen.append((address, kw))
+    )
+    cb = SecureAggregationCallback(
+        insecure=True, address="tcp://0.0.0.0:0", advertise="198.18.0.7:6000"
+    )
+    assert (cb.address, cb.advertise) == ("tcp://0.0.0.0:0", "tcp://198.18.0.7:6000")
+    cb._create_peer()
+    SecureAggregationCallback(insecure=True)._create_peer()
+    assert seen[0] == ("tcp://0.0.0.0:0", {**seen[0][1], "advertise": "tcp://198.18.0.7:6000"})
+    assert "advertise" not in seen[1][1]
+    monkeypatch.undo()
+    # The real peer accepts the pair (it refuses a wildcard without advertise).
+    SecureAggregationCallback(
+        insecure=True, address="tcp://0.0.0.0:0", advertise="198.18.0.7:6000"
+    )._create_peer()
 
 
 def test_arguments_are_positional_only_by_keyword():
