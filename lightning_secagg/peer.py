@@ -42,7 +42,7 @@ from lightning_secagg.errors import (
     SchedulerKeyError,
     SchedulerUnreachableError,
 )
-from lightning_secagg.messages import FROM_SCHEDULER, Heartbeat
+from lightning_secagg.messages import FROM_SCHEDULER, Done, Heartbeat
 from lightning_secagg.peer_options import (  # noqa: F401 - part of this module's API
     DEFAULT_MAX_MESSAGE_BYTES,
     PeerOptions,
@@ -269,6 +269,8 @@ class Peer:
         #: The protocol itself (created by start(), once the endpoint is known).
         self._session: PeerSession | None = None
         self._on_retry: Callable[[RoundFailedError, int], None] | None = None
+        #: Bytes sent and received when the last round ended (before its Done).
+        self._round_meter = (0, 0)
         #: The last model whose frames were found to fit the inbox (see _check_inbox_limit).
         self._inbox_fits: Schema | None = None
         self.endpoint: str | None = None
@@ -558,6 +560,10 @@ class Peer:
                     round_failed = True
                     self._apply(self._session.transmit_failed(out.to, str(exc), self._clock()))  # type: ignore[union-attr]
             elif isinstance(out, ToScheduler):
+                if isinstance(out.message, Done):
+                    # The round's figures end here: its report to the scheduler is not
+                    # part of the round (as the planner counts it).
+                    self._round_meter = (self._bytes_sent, self._bytes_received)
                 try:
                     self._bytes_sent += send_message(self._scheduler, out.message)  # type: ignore[arg-type]
                 except RoundFailedError as exc:  # a full queue: the scheduler is not reading
@@ -683,8 +689,8 @@ class Peer:
             round_id=info.round_id,
             seconds=finished - started,
             round_seconds=finished - info.assigned_at,
-            bytes_sent=self._bytes_sent - sent0,
-            bytes_received=self._bytes_received - recv0,
+            bytes_sent=self._round_meter[0] - sent0,
+            bytes_received=self._round_meter[1] - recv0,
             num_peers=info.num_peers,
             depth=info.depth,
             roles=info.roles,
