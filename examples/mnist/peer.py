@@ -86,11 +86,15 @@ class CrashingPeer(Peer):
 
     armed = False
 
-    def _accept_assignment(self, msg: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.armed:
-            print(f"[{self.peer_id}] fault injection: kill -9 in round {msg.round_id}", flush=True)
+    def _apply(self, outputs: list[Any]) -> None:
+        # The shell is about to send what the session answered; once it has joined
+        # a round, that is the round's first shares: die before any leaves.
+        rnd = self._session.round if self._session is not None else None
+        if self.armed and rnd is not None:
+            rid = rnd.assignment.round_id
+            print(f"[{self.peer_id}] fault injection: kill -9 in round {rid}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        return super()._accept_assignment(msg, *args, **kwargs)
+        super()._apply(outputs)
 
 
 def weights_digest(module: torch.nn.Module) -> str:
