@@ -705,4 +705,5 @@ class Peer:
             stats.bytes_sent,
             stats.bytes_received,
         )
+        session.result = None  # the tensors below own their memory: release the buffer
         return decode_result(result, schema)

@@ -531,6 +531,9 @@ class PeerSession:
             tuple(rnd.endpoints),
         )
         self.state = State.DONE
+        # The round's state (its segments, links and buffers) is not needed any more:
+        # only the result buffer is kept, until the shell has read it.
+        self._attempt = None
         sent, received = self._meter()
         return [
             ToScheduler(
