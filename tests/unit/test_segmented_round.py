@@ -103,7 +103,7 @@ def make_segmented(
     copying: bool = False,
     state_dicts: list[StateDict] | None = None,
 ) -> Setup:
-    """Every member's :class:`SegmentedRound`, wired as ``PeerSession._check_assignment`` wires it."""
+    """Every member's :class:`SegmentedRound`, wired as ``PeerSession`` wires it."""
     ids = [f"p{i:04d}" for i in range(n)]
     sds = state_dicts if state_dicts is not None else mixed_state_dicts(n, seed)
     rng = random.Random(seed)
