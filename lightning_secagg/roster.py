@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from lightning_secagg.errors import ConfigurationError
+from lightning_secagg.messages import is_z85_key
 
 log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:@+\-]{1,128}")
-_Z85_CHARS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
-_Z85_VALUE = {c: i for i, c in enumerate(_Z85_CHARS)}
 #: Largest roster file read (a roster of 100,000 parties is about 6 MB).
 MAX_ROSTER_BYTES = 16 * 1024 * 1024
 
@@ -37,22 +36,6 @@ MAX_ROSTER_BYTES = 16 * 1024 * 1024
 def key_fingerprint(public_key: str) -> str:
     """A short, non-secret name for a public key, for logs (never log a secret key)."""
     return hashlib.sha256(public_key.encode()).hexdigest()[:12]
-
-
-def is_z85_public_key(value: object) -> bool:
-    """True for a 40-character Z85 text that decodes to 32 bytes (every group below 2**32)."""
-    if not isinstance(value, str) or len(value) != 40:
-        return False
-    for start in range(0, 40, 5):
-        n = 0
-        for c in value[start : start + 5]:
-            digit = _Z85_VALUE.get(c)
-            if digit is None:
-                return False
-            n = n * 85 + digit
-        if n >= 2**32:
-            return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -96,7 +79,7 @@ class Roster:
             if not _NAME_RE.fullmatch(name):
                 problems.append(f"line {number}: bad name (1-128 of A-Z a-z 0-9 _ . : @ + -)")
                 continue
-            if not is_z85_public_key(key):
+            if not is_z85_key(key):
                 problems.append(f"line {number}: not a 40-character Z85 public key")
                 continue
             if key in seen_keys:
