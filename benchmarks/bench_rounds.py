@@ -144,7 +144,12 @@ def gloo_worker(args: argparse.Namespace) -> None:
     # Nobody leaves while another rank still talks to rank 0's store: without this
     # barrier a short run could end rank 0 first and abort another rank in its exit.
     dist.barrier()
-    dist.destroy_process_group()
+    # Then leave without c10d's teardown: on a capped network it once aborted a rank
+    # at exit ("terminate called without an active exception") after its records
+    # were written; the records are all this process owes.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 PROFILE = None
@@ -263,9 +268,13 @@ def start(cmd: list[str], host: str | None, args: argparse.Namespace, **kw) -> s
 def run_procs(cmds: list[tuple[str | None, list[str]]], timeout: float, args) -> None:
     procs = [start(c, host, args) for host, c in cmds]
     try:
-        for p in procs:
-            if p.wait(timeout=timeout) != 0:
-                raise SystemExit("a benchmark worker failed")
+        for (host, cmd), p in zip(cmds, procs, strict=True):
+            code = p.wait(timeout=timeout)
+            if code != 0:
+                raise SystemExit(
+                    f"a benchmark worker failed: {cmd[2]} on {host or 'this host'}, "
+                    f"exit code {code}"
+                )
     finally:
         for p in procs:
             if p.poll() is None:
