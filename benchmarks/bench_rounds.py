@@ -553,7 +553,7 @@ def planner_busiest(n: int, args: argparse.Namespace) -> list[int]:
             schema=schema,
             exponents=exponents,
         )
-        busiest.append(max(max(x.bytes_sent, x.bytes_received) for x in p.peers))
+        busiest.append(p.busiest.one_way_bytes)
     return busiest
 
 

@@ -5,7 +5,7 @@ Build locally (warnings are errors, as in CI)::
     pip install -e ".[docs]"
     sphinx-build -W -b html docs docs/_build/html
 
-Nothing is downloaded at build time (no intersphinx). Three small directives
+Nothing is downloaded at build time (no intersphinx). Four small directives
 defined here keep pages in step with the code:
 
 * ``secagg-cli-help`` prints ``--help`` of the real argument parser
@@ -14,6 +14,8 @@ defined here keep pages in step with the code:
   its output (the tree planner's previews);
 * ``secagg-tradeoffs`` tabulates depth, collusion threshold and bytes per peer
   for several tree parameters, from :mod:`lightning_secagg.planner`.
+* ``secagg-bandwidth`` tabulates the busiest host's traffic and the round time
+  on capped links for several sizes, from :mod:`lightning_secagg.planner`.
 """
 
 from __future__ import annotations
@@ -153,6 +155,7 @@ class Tradeoffs(Directive):
             "colluders to expose a peer",
             "leaf sends / receives (MB)",
             "busiest peer sends / receives (MB)",
+            "busiest peer, one way / mean over peers",
             "all peers send (MB)",
         ]
         rows = []
@@ -162,7 +165,7 @@ class Tradeoffs(Directive):
             n, g, k = (int(x) for x in line.split())
             p = plan(n, g, k, params=params)
             leaf = next(x for x in p.peers if not x.kind.startswith(("actor", "root")))
-            busiest = max(p.peers, key=lambda x: x.bytes_sent + x.bytes_received)
+            busiest = p.busiest
             rows.append(
                 [
                     str(n),
@@ -172,7 +175,56 @@ class Tradeoffs(Directive):
                     str(p.collusion_threshold),
                     f"{leaf.bytes_sent / 1e6:.1f} / {leaf.bytes_received / 1e6:.1f}",
                     f"{busiest.bytes_sent / 1e6:.1f} / {busiest.bytes_received / 1e6:.1f}",
+                    f"{p.load_ratio:.2f}x",
                     f"{sum(x.bytes_sent for x in p.peers) / 1e6:,.0f}",
+                ]
+            )
+        return [_table(header, rows)]
+
+
+class Bandwidth(Directive):
+    """Per-host traffic and round time on capped links: one ``peers params`` per line.
+
+    From :mod:`lightning_secagg.planner`, the median over seeded tree draws (the
+    scheduler's own draw is random). The round-time column uses the measured
+    behaviour of today's protocol on capped links: the busiest host's two
+    directions barely overlap, so a round lasts about its bytes sent plus
+    received over the rate.
+    """
+
+    has_content = True
+    option_spec = {"rate": directives.positive_int}  # Mbit/s
+
+    def run(self) -> list[nodes.Node]:
+        import statistics
+
+        from lightning_secagg.planner import plan
+
+        rate = self.options.get("rate", 100) * 1e6
+        header = [
+            "peers",
+            "model elements (float32)",
+            "busiest host sends + receives (MB)",
+            "busiest host one way / mean over peers",
+            f"round at {rate / 1e6:.0f} Mbit/s (s), at least",
+            "per-host Mbit/s for a 10 s round",
+        ]
+        rows = []
+        for line in self.content:
+            if not line.strip():
+                continue
+            n, params = (int(x) for x in line.split())
+            draws = [plan(n, 3, 2, params=params, seed=seed) for seed in range(5)]
+            both = statistics.median(p.busiest.bytes_sent + p.busiest.bytes_received for p in draws)
+            ratio = statistics.median(p.load_ratio for p in draws)
+            rows.append(
+                [
+                    str(n),
+                    f"{params:,}",
+                    f"{both / 1e6:,.1f}",
+                    f"{ratio:.2f}x",
+                    f"{both * 8 / rate:,.1f}",
+                    f"{both * 8 / 10 / 1e6:,.0f}",
                 ]
             )
         return [_table(header, rows)]
@@ -219,5 +271,6 @@ def setup(app: object) -> dict[str, object]:
     app.add_directive("secagg-cli-help", CliHelp)  # type: ignore[attr-defined]
     app.add_directive("secagg-command", Command)  # type: ignore[attr-defined]
     app.add_directive("secagg-tradeoffs", Tradeoffs)  # type: ignore[attr-defined]
+    app.add_directive("secagg-bandwidth", Bandwidth)  # type: ignore[attr-defined]
     app.connect("source-read", _api_callback)  # type: ignore[attr-defined]
     return {"parallel_read_safe": True}

@@ -265,6 +265,15 @@ class PeerPlan:
         """What :attr:`RoundStats.bytes_received` reports for this peer."""
         return self.p2p_received + self.scheduler_received
 
+    @property
+    def one_way_bytes(self) -> int:
+        """The larger of what this peer sends and receives.
+
+        Each direction of a host's link is capped on its own, so a round lasts at
+        least the busiest host's one-way bytes over its link's rate.
+        """
+        return max(self.bytes_sent, self.bytes_received)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values for JSON."""
         return {
@@ -385,6 +394,26 @@ class Plan:
                 return p
         raise KeyError(peer_id)
 
+    @property
+    def busiest(self) -> PeerPlan:
+        """The peer with the most bytes one way (:attr:`PeerPlan.one_way_bytes`)."""
+        return max(self.peers, key=lambda p: p.one_way_bytes)
+
+    @property
+    def mean_one_way_bytes(self) -> float:
+        """The mean over peers of :attr:`PeerPlan.one_way_bytes`."""
+        return sum(p.one_way_bytes for p in self.peers) / len(self.peers)
+
+    @property
+    def load_ratio(self) -> float:
+        """The busiest peer's one-way bytes over the mean: 1.0 when the load is even.
+
+        On links of equal rate, a bandwidth-bound round waits for the busiest
+        peer, so this is how much longer the round lasts than an even spread of
+        the same bytes would.
+        """
+        return self.busiest.one_way_bytes / self.mean_one_way_bytes
+
     def summary(self) -> list[RoleSummary]:
         """Peers grouped by their part in the tree, leaves first, root actors last."""
         by_kind: dict[str, list[PeerPlan]] = {}
@@ -478,6 +507,12 @@ class Plan:
                 for r in self.summary()
             ],
             "total_bytes_sent": sum(p.bytes_sent for p in self.peers),
+            "busiest": {
+                "peer_id": self.busiest.peer_id,
+                "one_way_bytes": self.busiest.one_way_bytes,
+                "mean_one_way_bytes": self.mean_one_way_bytes,
+                "ratio_to_mean": self.load_ratio,
+            },
             "done_bytes": self.done_bytes,
             "peers": [p.to_dict() for p in self.peers],
         }
@@ -532,6 +567,10 @@ class Plan:
             "",
             f"all peers together send {total:,} B "
             f"({total / max(1, self.num_peers):,.0f} B per peer on average)",
+            f"busiest peer: {self.busiest.peer_id} ({self.busiest.kind}), "
+            f"{self.busiest.one_way_bytes:,} B one way, {self.load_ratio:.2f}x the mean "
+            f"over peers ({self.mean_one_way_bytes:,.0f} B); on links of one rate a round "
+            "waits for it",
         ]
         if show_peers:
             lines.append("")

@@ -372,6 +372,30 @@ def test_traffic_per_peer_grows_slowly_total_linearly():
     assert per_peer[1] < 1.5 * per_peer[0]
 
 
+def test_busiest_peer_is_the_most_bytes_one_way_and_the_ratio_is_over_the_mean():
+    p = plan(30, 3, 2, params=10_000)
+    one_way = [max(x.bytes_sent, x.bytes_received) for x in p.peers]
+    assert p.busiest.one_way_bytes == max(one_way)
+    assert p.mean_one_way_bytes == pytest.approx(sum(one_way) / 30)
+    assert p.load_ratio == pytest.approx(max(one_way) / (sum(one_way) / 30))
+    # Today's tree: the busiest peer is an actor at several levels, well above the mean.
+    assert p.busiest.kind != "leaf (level 0 only)" and p.load_ratio > 1.5
+
+
+def test_cli_tree_names_the_busiest_peer_and_its_ratio(capsys):
+    assert main(["tree", "--target-size", "12", "--params", "1000"]) == 0
+    out = capsys.readouterr().out
+    p = plan(12, 3, 2, params=1000)
+    assert (
+        f"busiest peer: {p.busiest.peer_id} ({p.busiest.kind}), "
+        f"{p.busiest.one_way_bytes:,} B one way, {p.load_ratio:.2f}x the mean" in out
+    )
+    assert main(["tree", "--target-size", "12", "--params", "1000", "--json"]) == 0
+    busiest = json.loads(capsys.readouterr().out)["busiest"]
+    assert busiest["peer_id"] == p.busiest.peer_id
+    assert busiest["ratio_to_mean"] == pytest.approx(p.load_ratio)
+
+
 def test_privacy_statements_name_the_threshold():
     p = plan(30, 4, 3, params=1)
     text = " ".join(p.privacy())
