@@ -45,6 +45,15 @@ COMPACT_MAX_PEERS = 64
 #: with the count slot's rounding, their mean is then within about 2**-9 of a
 #: unit, so rounding to the nearest integer is exact away from .5 ties.
 INT_GUARD_BITS = 10
+#: Fewest fraction bits the compact ring gives a float tensor. Each tensor's
+#: fraction bits are ``COMPACT_SUM_BITS - e`` for the largest exponent ``e`` any
+#: member declares, so one member declaring a huge exponent (issue 19, finding 7:
+#: 30 leaves 0 fraction bits, and the mean decodes to exact zeros) would coarsen
+#: everybody's values. Below this floor the round keeps the 64-bit ring, whose
+#: resolution does not depend on what others declare; a member refuses a relayed
+#: compact ring below it (:func:`check_relayed_ring`). Honest float tensors up to
+#: ``2**14`` in magnitude keep the compact ring.
+MIN_COMPACT_FRAC_BITS = 16
 #: Declared magnitude exponents are clamped to this range (an all-zero tensor declares the minimum).
 MIN_EXPONENT, MAX_EXPONENT = -64, 64
 #: The rings' element types (little-endian, as on the wire), by width in bits.
@@ -76,6 +85,11 @@ def compact_ring_allowed(
     for spec, e in zip(schema.tensors, exponents, strict=True):
         if spec.dtype == "float64":
             return f"{spec.name!r} is float64, finer than the compact ring"
+        if spec.dtype in FLOAT_DTYPE_NAMES and COMPACT_SUM_BITS - e < MIN_COMPACT_FRAC_BITS:
+            return (
+                f"{spec.name!r} holds values up to 2**{e}: the compact ring would keep "
+                f"{COMPACT_SUM_BITS - e} fraction bits, fewer than {MIN_COMPACT_FRAC_BITS}"
+            )
         if (
             spec.dtype not in FLOAT_DTYPE_NAMES
             and spec.dtype != "bool"
