@@ -289,8 +289,12 @@ MIXED = Schema.of(
 
 
 def test_allowed_for_floats_bools_and_small_ints():
-    assert compact_ring_allowed(MIXED, [29, 15, -64, 1, 3], 3) is None
-    assert compact_ring_allowed(MIXED, [64, 64, 64, 1, 3], 64) is None  # floats: any exponent
+    assert compact_ring_allowed(MIXED, [14, 14, -64, 1, 3], 3) is None
+    assert compact_ring_allowed(MIXED, [14, 14, 14, 1, 3], 64) is None
+    # Floats: at most exponent 14, i.e. at least 16 fraction bits (issue 19, finding 7).
+    for exponents in ([29, 14, -64, 1, 3], [14, 15, 0, 1, 3], [64, 64, 64, 1, 3]):
+        reason = compact_ring_allowed(MIXED, exponents, 3)
+        assert reason is not None and "fewer than 16" in reason
     assert compact_ring_allowed(MIXED, [-64, -64, -64, 1, -64], 2) is None
 
 
@@ -470,7 +474,8 @@ def test_tensors_larger_than_one_chunk_decode_like_the_elementwise_formula():
 # -- the error bound, property-based ----------------------------------------------------
 
 FLOAT_KINDS = [torch.float32, torch.float32, torch.float16, torch.bfloat16]
-SCALES = {torch.float32: (-90, 29), torch.bfloat16: (-90, 29), torch.float16: (-20, 15)}
+# Float exponents up to 14: above, the compact ring is refused (MIN_COMPACT_FRAC_BITS).
+SCALES = {torch.float32: (-90, 14), torch.bfloat16: (-90, 14), torch.float16: (-20, 14)}
 SHAPES = [(), (1,), (4,), (2, 3), (17,), (0,)]
 MODES = ["uniform", "spread", "extreme", "sparse", "powers"]
 
@@ -1098,7 +1103,7 @@ def test_check_relayed_ring_accepts_the_64_bit_ring_always(ring):
     assert check_relayed_ring(PEER_SCHEMA, 16, None, PEER_EXPS, 3, compact_wanted=True) is not None
 
 
-@pytest.mark.parametrize("relayed", [[2, 4, 1], [10, 4, 1], [2, 7, 1], [29, 18, 1]])
+@pytest.mark.parametrize("relayed", [[2, 4, 1], [10, 4, 1], [2, 7, 1], [14, 18, 1]])
 def test_check_relayed_ring_accepts_a_safe_compact_ring(relayed):
     assert check_relayed_ring(PEER_SCHEMA, 32, relayed, PEER_EXPS, 3, compact_wanted=True) is None
 
