@@ -52,6 +52,7 @@ from lightning_secagg.errors import (
 )
 from lightning_secagg.peer_options import check_peer_options
 from lightning_secagg.roster import Roster
+from lightning_secagg.security import KeyPair
 
 if TYPE_CHECKING:
     from lightning_secagg.peer import Peer
@@ -174,6 +175,9 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             ``roster``): a roster, or the path of a roster file re-read when it
             changes; the peer refuses any round with a member key outside it.
             None: anyone can join, and privacy depends on who does.
+        keys: This peer's CURVE key pair: a ``KeyPair`` or the path of its
+            ``.key_secret`` file (``lightning-secagg keygen NAME``); needed for
+            the others' rosters to list it. None: a fresh key per run.
         preflight_timeout: Seconds ``setup`` waits for the scheduler to answer
             before the first epoch (:meth:`Peer.preflight`): a wrong key
             (``SchedulerKeyError``) or an unreachable scheduler
@@ -204,6 +208,7 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         ring: str = "auto",
         preflight_timeout: float | None = 10.0,
         roster: Roster | str | os.PathLike[str] | None = None,
+        keys: KeyPair | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         self.scheduler = _normalize_endpoint("scheduler", scheduler, allow_port_zero=False)
@@ -227,6 +232,12 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         # The peer's own arguments are checked where the peer checks them (one home),
         # now rather than in setup: a malformed key is reported when the callback is built.
         try:
+            if keys is not None and not isinstance(keys, KeyPair):
+                if not isinstance(keys, (str, os.PathLike)):
+                    raise ConfigurationError(
+                        f"keys must be a KeyPair or a .key_secret file's path, got {keys!r:.60}"
+                    )
+                keys = KeyPair.load(keys)
             check_peer_options(
                 self.address,
                 self.scheduler,
@@ -237,6 +248,7 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 ring=ring,
                 advertise=self.advertise,
                 roster=roster,
+                keys=keys,
             )
         except ConfigurationError as exc:
             raise SecureAggregationMisconfigurationError(
@@ -248,6 +260,7 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         self.insecure = insecure
         self.ring = ring
         self.roster = roster
+        self.keys = keys
         if (
             isinstance(every_n_epochs, bool)
             or not isinstance(every_n_epochs, int)
@@ -445,6 +458,8 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             kwargs["advertise"] = self.advertise
         if self.roster is not None:
             kwargs["roster"] = self.roster
+        if self.keys is not None:
+            kwargs["keys"] = self.keys
         return Peer(self.address, self.scheduler, **kwargs)
 
     @override

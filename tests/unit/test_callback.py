@@ -754,3 +754,23 @@ def test_a_second_fit_with_the_same_callback_runs_its_rounds(tmp_path):
     _train(tmp_path, [cb], max_epochs=1)
     assert cb.rounds_completed == 2
     assert [len(p.calls) for p in FakePeer.instances] == [1, 1]
+
+
+# ---------------------------------------------------------------------- roster
+def test_roster_and_keys_are_checked_when_the_callback_is_built(tmp_path):
+    from lightning_secagg.security import KeyPair, write_key_files
+
+    _public_file, secret_file = write_key_files(tmp_path, "me")
+    mine = KeyPair.load(secret_file)
+    other, sched = KeyPair.generate(), KeyPair.generate()
+    roster = tmp_path / "roster.txt"
+    roster.write_text(f"me {mine.public}\nother {other.public}\n")
+    cb = SecureAggregationCallback(scheduler_key=sched.public, roster=roster, keys=secret_file)
+    assert cb.keys.public == mine.public
+    peer = cb._create_peer()
+    assert peer.public_key == mine.public and peer.roster.admits(other.public)
+    roster.write_text("me not-a-key\n")
+    with pytest.raises(SecureAggregationMisconfigurationError, match=r"roster .*line 1"):
+        SecureAggregationCallback(scheduler_key=sched.public, roster=roster)
+    with pytest.raises(SecureAggregationMisconfigurationError, match="keys must be"):
+        SecureAggregationCallback(scheduler_key=sched.public, keys=42)
