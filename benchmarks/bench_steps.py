@@ -44,7 +44,7 @@ def main() -> None:
     from lightning_secagg.codec import encode as to_frames
     from lightning_secagg.encoding import decode_result, decode_total, encode, magnitude_exponents
     from lightning_secagg.messages import Result, Share
-    from lightning_secagg.ring import RingPlan
+    from lightning_secagg.ring import COMPACT_COUNT_BITS, RingPlan
     from lightning_secagg.schema import Schema
     from lightning_secagg.sealing import Envelope, RoundKey, SealedBlob
     from lightning_secagg.sharing import add_expanded_seed, draw_seeds, mask
@@ -65,7 +65,7 @@ def main() -> None:
     total = vector.copy()  # the add-steps below sum into it, over and over
     masked = vector.copy()  # a leaf masks its fresh encoding in place, over and over here
     ring_total = vector.copy()
-    ring_total.view(np.int32)[0] = 2**30  # a plausible count slot
+    ring_total.view(np.int32)[0] = 2**COMPACT_COUNT_BITS  # a plausible count slot
     result = decode_total(ring_total, schema, plan)
     blob = SealedBlob.seal(result)
     result_header = to_frames(Result("r", "A", result))[0]

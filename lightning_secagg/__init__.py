@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_secagg.errors import (
     ConfigurationError,
     EncodingError,
+    ForeignMemberError,
     PeerIdInUseError,
     PreflightError,
     ProtocolError,
@@ -25,6 +26,7 @@ from lightning_secagg.errors import (
     SecAggError,
     SignupRejectedError,
 )
+from lightning_secagg.roster import Roster
 from lightning_secagg.schema import Schema
 from lightning_secagg.tree import AggregationTree, build_tree
 
@@ -52,11 +54,13 @@ __all__ = [
     "AggregationTree",
     "ConfigurationError",
     "EncodingError",
+    "ForeignMemberError",
     "KeyPair",
     "Peer",
     "PeerIdInUseError",
     "PreflightError",
     "ProtocolError",
+    "Roster",
     "RoundAbortedError",
     "RoundFailedError",
     "RoundStats",

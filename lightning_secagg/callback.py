@@ -49,9 +49,10 @@ from lightning_secagg.errors import (
     ConfigurationError,
     EncodingError,
     RoundFailedError,
-    SchemaMismatchError,
 )
 from lightning_secagg.peer_options import check_peer_options
+from lightning_secagg.roster import Roster
+from lightning_secagg.security import KeyPair
 
 if TYPE_CHECKING:
     from lightning_secagg.peer import Peer
@@ -159,14 +160,24 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             attempt failed; ``"raise"`` stops training with the error;
             ``"keep_local"`` warns, logs ``secagg/failed_rounds`` and keeps training
             with the local weights. A schema mismatch, a refused sign-up and an
-            encoding error (NaN/Inf, overflow) always raise at once: they would
-            fail every following attempt the same way.
+            encoding error (NaN/Inf, overflow) are never retried: they would fail
+            every following attempt the same way. Under ``"keep_local"`` a refused
+            sign-up (a schema mismatch included: an outsider may squat a session)
+            keeps the local weights like any failed round; an encoding error
+            (a fault of this model) always raises.
         max_retries: Extra attempts per round under ``on_failure="retry"``.
         log_metrics: Log ``secagg/*`` metrics and the progress bar entry.
         ring: ``"auto"`` lets the scheduler pick the compact 32-bit ring when it
             is safe (half the bytes; each peer discloses to the scheduler the
             binary exponent of every tensor's largest magnitude); ``"64"``
             discloses nothing and keeps the 64-bit ring (see ``docs/numerics.md``).
+        roster: Admission control (see :class:`~lightning_secagg.peer.Peer`'s
+            ``roster``): a roster, or the path of a roster file re-read when it
+            changes; the peer refuses any round with a member key outside it.
+            None: anyone can join, and privacy depends on who does.
+        keys: This peer's CURVE key pair: a ``KeyPair`` or the path of its
+            ``.key_secret`` file (``lightning-secagg keygen NAME``); needed for
+            the others' rosters to list it. None: a fresh key per run.
         preflight_timeout: Seconds ``setup`` waits for the scheduler to answer
             before the first epoch (:meth:`Peer.preflight`): a wrong key
             (``SchedulerKeyError``) or an unreachable scheduler
@@ -196,6 +207,8 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         log_metrics: bool = True,
         ring: str = "auto",
         preflight_timeout: float | None = 10.0,
+        roster: Roster | str | os.PathLike[str] | None = None,
+        keys: KeyPair | str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         self.scheduler = _normalize_endpoint("scheduler", scheduler, allow_port_zero=False)
@@ -219,6 +232,12 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         # The peer's own arguments are checked where the peer checks them (one home),
         # now rather than in setup: a malformed key is reported when the callback is built.
         try:
+            if keys is not None and not isinstance(keys, KeyPair):
+                if not isinstance(keys, (str, os.PathLike)):
+                    raise ConfigurationError(
+                        f"keys must be a KeyPair or a .key_secret file's path, got {keys!r:.60}"
+                    )
+                keys = KeyPair.load(keys)
             check_peer_options(
                 self.address,
                 self.scheduler,
@@ -228,6 +247,8 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                 peer_id=peer_id,
                 ring=ring,
                 advertise=self.advertise,
+                roster=roster,
+                keys=keys,
             )
         except ConfigurationError as exc:
             raise SecureAggregationMisconfigurationError(
@@ -238,6 +259,8 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         self.scheduler_key = scheduler_key
         self.insecure = insecure
         self.ring = ring
+        self.roster = roster
+        self.keys = keys
         if (
             isinstance(every_n_epochs, bool)
             or not isinstance(every_n_epochs, int)
@@ -433,6 +456,10 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
             kwargs["ring"] = self.ring
         if self.advertise is not None:
             kwargs["advertise"] = self.advertise
+        if self.roster is not None:
+            kwargs["roster"] = self.roster
+        if self.keys is not None:
+            kwargs["keys"] = self.keys
         return Peer(self.address, self.scheduler, **kwargs)
 
     @override
@@ -553,9 +580,13 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         """Whether the failure policy lets training go on after a failed round.
 
         ``"retry"`` retries inside ``_aggregate_on_rank_zero``; a round that still
-        failed after its retries is not tolerated (it raises).
+        failed after its retries is not tolerated (it raises). Under
+        ``"keep_local"`` a refused sign-up (:class:`SchemaMismatchError`
+        included) is tolerated: somebody else's sign-up with another schema must
+        not be able to end this training. An :class:`EncodingError` is this
+        model's own fault and raises.
         """
-        if error_type in (SchemaMismatchError.__name__, EncodingError.__name__):
+        if error_type == EncodingError.__name__:
             return False
         return self.on_failure == "keep_local"
 

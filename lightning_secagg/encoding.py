@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from lightning_secagg.errors import EncodingError, InvalidTotalError, SchemaMismatchError
-from lightning_secagg.ring import MAX_EXPONENT, MIN_EXPONENT, RingPlan
+from lightning_secagg.ring import MAX_EXPONENT, MIN_EXPONENT, RingPlan, check_compact_count
 from lightning_secagg.schema import (
     DEFAULT_FRAC_BITS,
     SUM_BITS,
@@ -287,7 +287,10 @@ def decode_total(
         ``out``: the result buffer's bytes for the segment (the whole buffer by default).
 
     Raises:
-        InvalidTotalError: the summed count slot is not positive (a wrong share or partial sum).
+        InvalidTotalError: the summed count slot is not positive (a wrong share or
+            partial sum), or, in the compact ring, not the sum of shares of one
+            (:func:`~lightning_secagg.ring.check_compact_count`: e.g. a total
+            weight the scheduler under-reported).
     """
     plan = plan or RingPlan.wide(schema)
     a, b = segment if segment is not None else (0, schema.vector_size - 1)
@@ -302,6 +305,13 @@ def decode_total(
         raise InvalidTotalError(
             f"the summed count slot is {count}: a member sent a wrong share or partial sum"
         )
+    if plan.ring_bits == 32:
+        # The compact count cannot wrap (ring.COMPACT_COUNT_BITS): checked against
+        # its nominal value, which then divides (exact: the shares sum to one).
+        problem = check_compact_count(int(signed[0]))
+        if problem is not None:
+            raise InvalidTotalError(problem)
+        count = math.ldexp(1.0, plan.count_frac_bits)
     base, end = result_span(schema, a, b)
     if out is None:
         out = np.empty(end - base, dtype=np.uint8)

@@ -68,6 +68,18 @@ class PeerIdInUseError(RoundFailedError):
     """
 
 
+class ForeignMemberError(RoundFailedError):
+    """An assignment names a member whose CURVE key is outside this peer's roster.
+
+    The peer refuses the round before sending anything (the scheduler is told,
+    and aborts it for everyone), so an outsider, a sybil of an outsider's key,
+    or a malicious scheduler's own key never receives a share. Retried within
+    the call's ``max_retries`` only: an honest scheduler may have admitted a
+    stale key, while a malicious one gets no more tries than the caller allows.
+    The message names the key by its fingerprint, never the key itself.
+    """
+
+
 class SchemaMismatchError(SignupRejectedError, ValueError):
     """The model's names, shapes or dtypes differ from those of the session's other peers."""
 

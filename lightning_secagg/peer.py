@@ -57,6 +57,7 @@ from lightning_secagg.protocol.peer_session import (
     is_retryable,  # noqa: F401 - part of this module's API since 0.1
 )
 from lightning_secagg.ring import exponents_to_declare
+from lightning_secagg.roster import Roster, RosterFile
 from lightning_secagg.schema import (
     DEFAULT_FRAC_BITS,
     Schema,
@@ -204,6 +205,12 @@ class Peer:
         heartbeat_interval: Seconds between heartbeats to the scheduler while
             inside :meth:`aggregate` (queued or in a round); keep it well below
             the scheduler's ``liveness_timeout``.
+        roster: Admission control: a :class:`~lightning_secagg.roster.Roster`,
+            or the path of a roster file (the scheduler's ``--allow-keys``
+            format, re-read when it changes). The peer refuses, before sending
+            anything, any round with a member key outside it
+            (:class:`~lightning_secagg.errors.ForeignMemberError`). None: any
+            key may be a member, and the peer says so once per round.
 
     Raises:
         ConfigurationError: a bad address, id, key, or a missing ``scheduler_key``.
@@ -229,6 +236,7 @@ class Peer:
         random_bytes: RandomBytes = system_random_bytes,
         clock: Callable[[], float] = time.monotonic,
         heartbeat_interval: float = 1.0,
+        roster: Roster | str | os.PathLike[str] | None = None,
     ) -> None:
         options = check_peer_options(
             address,
@@ -244,6 +252,7 @@ class Peer:
             linger=linger,
             max_message_bytes=max_message_bytes,
             heartbeat_interval=heartbeat_interval,
+            roster=roster,
         )
         self._bind = options.bind
         self.scheduler_address = options.scheduler_address
@@ -258,6 +267,11 @@ class Peer:
         self.linger = options.linger
         self.max_message_bytes = options.max_message_bytes
         self.heartbeat_interval = options.heartbeat_interval
+        self.roster: Roster | None = options.roster
+        #: The roster's file, re-read when it changes (the scheduler's RosterFile).
+        self._roster_file = (
+            RosterFile(options.roster_path, clock=clock) if options.roster_path else None
+        )
         self.last_failures: list[RoundFailedError] = []
         self._random_bytes = random_bytes
         self._clock = clock
@@ -326,6 +340,7 @@ class Peer:
                 heartbeat_interval=self.heartbeat_interval,
                 frac_bits=self.frac_bits,
                 meter=lambda: (self._bytes_sent, self._bytes_received),
+                roster=self.roster,
             )
         if self.keys is not None:
             log.info(
@@ -524,6 +539,7 @@ class Peer:
         poller.register(self._inbox, zmq.POLLIN)
         poller.register(self._scheduler, zmq.POLLIN)
         while session.active:
+            self._poll_roster(session)
             self._apply(session.tick(self._clock()))
             due = session.next_deadline()
             if due is None:
@@ -540,6 +556,13 @@ class Peer:
         return self._finish(contribution.schema, started, sent0, recv0)
 
     # -- the shell: what the session asks for ------------------------------
+
+    def _poll_roster(self, session: PeerSession) -> None:
+        """Hand the session a roster file's new version (looked at once a second at most)."""
+        if self._roster_file is not None:
+            fresh = self._roster_file.poll()
+            if fresh is not None:
+                self.roster = session.roster = fresh
 
     def _contribution(self, state_dict: Mapping[str, torch.Tensor], weight: float) -> Contribution:
         return make_contribution(state_dict, weight, frac_bits=self.frac_bits, ring=self.ring)

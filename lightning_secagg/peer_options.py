@@ -19,6 +19,7 @@ from typing import Any
 from lightning_secagg import codec
 from lightning_secagg.errors import ConfigurationError
 from lightning_secagg.messages import ident
+from lightning_secagg.roster import Roster
 from lightning_secagg.schema import DEFAULT_FRAC_BITS, check_frac_bits
 from lightning_secagg.security import KeyPair, read_public_key
 from lightning_secagg.transport import bind_endpoint, is_wildcard_host
@@ -44,6 +45,10 @@ class PeerOptions:
     linger: float
     max_message_bytes: int
     heartbeat_interval: float
+    #: The roster as read now (None: any key may be a member).
+    roster: Roster | None = None
+    #: Its file, re-read on change by the peer (None: given parsed, or no roster).
+    roster_path: str | None = None
 
 
 def check_peer_options(
@@ -61,12 +66,17 @@ def check_peer_options(
     linger: float = 5.0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     heartbeat_interval: float = 1.0,
+    roster: Roster | str | os.PathLike[str] | None = None,
 ) -> PeerOptions:
     """Check every argument of a :class:`Peer` (the one home of these checks).
 
     The callback calls it in its ``__init__`` too, so that a bad address, id or
     key (a malformed ``scheduler_key`` included) is reported when it is built,
     not when training starts. A missing ``peer_id`` becomes a random one.
+    ``roster`` (a :class:`~lightning_secagg.roster.Roster` or the path of a
+    roster file, the format of the scheduler's ``--allow-keys``) is read here,
+    so a malformed file is reported before training; it needs sealed links
+    (members are told apart by their CURVE keys).
 
     Raises:
         ConfigurationError: the argument, what is allowed, and what was given.
@@ -138,6 +148,22 @@ def check_peer_options(
             f"max_message_bytes must be an int >= {codec.MAX_PEER_HEADER_BYTES}, "
             f"got {max_message_bytes!r}"
         )
+    roster_path: str | None = None
+    if roster is None or isinstance(roster, Roster):
+        parsed = roster
+    elif isinstance(roster, (str, os.PathLike)):
+        roster_path = os.fspath(roster)
+        parsed = Roster.load(roster_path)
+    else:
+        raise ConfigurationError(
+            f"roster must be a Roster or the path of a roster file, got {roster!r:.60}"
+        )
+    if parsed is not None and insecure:
+        raise ConfigurationError(
+            "roster and insecure=True exclude each other: members are admitted by CURVE key"
+        )
+    if parsed is not None and len(parsed) == 0:
+        raise ConfigurationError(f"roster {parsed.source} lists no key: no round could be joined")
     return PeerOptions(
         bind,
         scheduler_address,
@@ -151,6 +177,8 @@ def check_peer_options(
         seconds("linger", linger, zero_ok=True),
         max_message_bytes,
         seconds("heartbeat_interval", heartbeat_interval, zero_ok=False),
+        parsed,
+        roster_path,
     )
 
 

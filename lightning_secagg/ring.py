@@ -45,6 +45,27 @@ COMPACT_MAX_PEERS = 64
 #: with the count slot's rounding, their mean is then within about 2**-9 of a
 #: unit, so rounding to the nearest integer is exact away from .5 ties.
 INT_GUARD_BITS = 10
+#: Fewest fraction bits the compact ring gives a float tensor. Each tensor's
+#: fraction bits are ``COMPACT_SUM_BITS - e`` for the largest exponent ``e`` any
+#: member declares, so one member declaring a huge exponent (issue 19, finding 7:
+#: 30 leaves 0 fraction bits, and the mean decodes to exact zeros) would coarsen
+#: everybody's values. Below this floor the round keeps the 64-bit ring, whose
+#: resolution does not depend on what others declare; a member refuses a relayed
+#: compact ring below it (:func:`check_relayed_ring`). Honest float tensors up to
+#: ``2**14`` in magnitude keep the compact ring.
+MIN_COMPACT_FRAC_BITS = 16
+#: The compact ring's count slot carries the normalized weights with this many
+#: fraction bits: members' shares are each at most 1 (a member refuses a total
+#: weight below its own), so with at most COMPACT_MAX_PEERS members the summed
+#: count stays below ``2**30`` and never wraps in int32, whatever total weight
+#: the scheduler relays. An under-reported total (issue 19, finding 8: with 30
+#: bits, 5x too small wrapped back to a plausible count) shows as a count far
+#: from ``2**COMPACT_COUNT_BITS``, refused by :func:`check_compact_count`.
+COMPACT_COUNT_BITS = COMPACT_SUM_BITS - (COMPACT_MAX_PEERS.bit_length() - 1)
+#: Largest distance of an honest round's summed count from ``2**COMPACT_COUNT_BITS``:
+#: each member rounds its share to an integer (half a unit each), plus float64
+#: noise in the shares themselves.
+COMPACT_COUNT_SLACK = COMPACT_MAX_PEERS // 2 + 1
 #: Declared magnitude exponents are clamped to this range (an all-zero tensor declares the minimum).
 MIN_EXPONENT, MAX_EXPONENT = -64, 64
 #: The rings' element types (little-endian, as on the wire), by width in bits.
@@ -76,6 +97,11 @@ def compact_ring_allowed(
     for spec, e in zip(schema.tensors, exponents, strict=True):
         if spec.dtype == "float64":
             return f"{spec.name!r} is float64, finer than the compact ring"
+        if spec.dtype in FLOAT_DTYPE_NAMES and COMPACT_SUM_BITS - e < MIN_COMPACT_FRAC_BITS:
+            return (
+                f"{spec.name!r} holds values up to 2**{e}: the compact ring would keep "
+                f"{COMPACT_SUM_BITS - e} fraction bits, fewer than {MIN_COMPACT_FRAC_BITS}"
+            )
         if (
             spec.dtype not in FLOAT_DTYPE_NAMES
             and spec.dtype != "bool"
@@ -178,6 +204,26 @@ def check_relayed_ring(
     return compact_ring_allowed(schema, relayed, num_peers)
 
 
+def check_compact_count(count: int) -> str | None:
+    """Why a compact ring's summed count slot must not be decoded, or None.
+
+    Sound because it cannot wrap (see :data:`COMPACT_COUNT_BITS`): the count is
+    ``2**COMPACT_COUNT_BITS`` times the sum of the members' shares ``w_i / T``
+    (within :data:`COMPACT_COUNT_SLACK`), so a total weight ``T`` the scheduler
+    under- or over-reported by more than about ``2**-18`` of itself is refused
+    instead of scaling the result. (A scheduler telling members different totals
+    that still sum to one share is a weighting, not a scale: see the threat model.)
+    """
+    nominal = 1 << COMPACT_COUNT_BITS
+    if abs(count - nominal) > COMPACT_COUNT_SLACK:
+        return (
+            f"the summed count slot is {count}, expected {nominal} +- {COMPACT_COUNT_SLACK}: "
+            f"the members' weights sum to {count / nominal:.6g} of the total weight relayed "
+            "(a wrong total weight, share or partial sum)"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class RingPlan:
     """How one round encodes: the ring's width and each tensor's fraction bits.
@@ -214,7 +260,7 @@ class RingPlan:
         return cls(
             32,
             tuple(COMPACT_SUM_BITS - int(e) for e in exponents),
-            COMPACT_SUM_BITS,
+            COMPACT_COUNT_BITS,
         )
 
     @property

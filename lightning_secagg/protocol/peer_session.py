@@ -48,6 +48,7 @@ import numpy as np
 
 from lightning_secagg.deadlines import describe_phase, phase_deadline
 from lightning_secagg.errors import (
+    ForeignMemberError,
     InvalidTotalError,
     LocalProtocolError,
     PeerIdInUseError,
@@ -74,6 +75,7 @@ from lightning_secagg.messages import (
 from lightning_secagg.protocol.peer_round import Send
 from lightning_secagg.protocol.segmented_round import SegmentedRound
 from lightning_secagg.ring import RingPlan, check_relayed_ring
+from lightning_secagg.roster import Roster, key_fingerprint
 from lightning_secagg.schema import Schema, result_span, round_segments
 from lightning_secagg.sharing import RandomBytes
 from lightning_secagg.tree import AggregationTree
@@ -274,6 +276,8 @@ class PeerSession:
         heartbeat_interval: Seconds between heartbeats while a call is in progress.
         meter: Bytes sent and received so far by this peer (for ``Done``'s stats).
         max_early_messages: Messages of not-yet-assigned rounds kept at most.
+        roster: The keys this peer accepts as members (None: anyone). The shell
+            may replace :attr:`roster` between messages (a re-read file).
     """
 
     def __init__(
@@ -289,8 +293,11 @@ class PeerSession:
         frac_bits: int,
         meter: Callable[[], tuple[int, int]] = lambda: (0, 0),
         max_early_messages: int = MAX_EARLY_MESSAGES,
+        roster: Roster | None = None,
     ) -> None:
         self.peer_id = peer_id
+        #: Admission control: an assignment naming a key outside it is refused.
+        self.roster = roster
         self.session = session
         self.endpoint = endpoint
         self.public_key = public_key
@@ -605,6 +612,9 @@ class PeerSession:
         if att is None or self.state is not State.QUEUED or msg.round_id in self._finished:
             log.info("peer %s ignores stale assignment %s", self.peer_id, msg.round_id)
             return []
+        foreign = self._foreign_member(msg)
+        if foreign is not None:
+            return self._refuse_round(msg, foreign, now)
         rnd = self._check_assignment(msg, att, now)  # raises RemoteProtocolError
         att.round = rnd
         self.state = State.IN_ROUND
@@ -629,6 +639,52 @@ class PeerSession:
             except RemoteProtocolError as exc:
                 log.warning("peer %s dropped an early message: %s", self.peer_id, exc)
         return out
+
+    def _foreign_member(self, msg: Assignment) -> str | None:
+        """Why the roster refuses this assignment's members, or None.
+
+        Without a roster every key is accepted, and the peer says so once per
+        round: anyone can join, so privacy depends on who does. With one, every
+        member's CURVE key must be listed, and each listed key may hold only one
+        member id of the round (a listed party's sybils would otherwise pass).
+        Checked before anything is derived from the assignment.
+        """
+        if self.roster is None:
+            log.warning(
+                "peer %s: round %s without a roster: anyone can join, and privacy "
+                "depends on who does",
+                self.peer_id,
+                msg.round_id,
+            )
+            return None
+        seen: dict[str, str] = {}
+        for pid, _endpoint, key in msg.members:
+            if pid == self.peer_id:
+                continue
+            if not self.roster.admits(key):
+                return f"member {pid} has key {key_fingerprint(key)}, which is not in our roster"
+            if key in seen:
+                return (
+                    f"members {seen[key]} and {pid} share the key {key_fingerprint(key)}"
+                    f" ({self.roster.name_of(key)})"
+                )
+            seen[key] = pid
+        return None
+
+    def _refuse_round(self, msg: Assignment, why: str, now: float) -> list[Any]:
+        """Refuse a round whose members the roster does not admit.
+
+        Nothing of ours has left: the scheduler is told (an honest one aborts the
+        round for everyone), and the attempt ends with a
+        :class:`~lightning_secagg.errors.ForeignMemberError`, retried within the
+        call's ``max_retries`` (an honest scheduler may have admitted a stale key;
+        a malicious one gets no more tries than the caller allows).
+        """
+        self._remember_finished(msg.round_id)
+        log.error("peer %s refuses round %s: %s", self.peer_id, msg.round_id, why)
+        error = ForeignMemberError(f"peer {self.peer_id} refused round {msg.round_id}: {why}")
+        abort = ToScheduler(Abort(msg.round_id, self.peer_id, f"roster: {why}"[:MAX_REASON_CHARS]))
+        return [abort, *self._fail(now, error)]
 
     def _check_assignment(self, msg: Assignment, att: _Attempt, now: float) -> _Round:
         """The round of an assignment this peer may accept (see the module's invariants).

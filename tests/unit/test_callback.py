@@ -22,10 +22,12 @@ from lightning_secagg.callback import (
 from lightning_secagg.errors import (
     ConfigurationError,
     EncodingError,
+    ForeignMemberError,
     RoundAbortedError,
     RoundFailedError,
     RoundTimeoutError,
     SchemaMismatchError,
+    SignupRejectedError,
 )
 from lightning_secagg.protocol.peer_session import is_retryable
 
@@ -661,13 +663,33 @@ def test_keep_local_keeps_local_weights(tmp_path):
     )
 
 
-@pytest.mark.parametrize(
-    "error", [SchemaMismatchError("other model"), EncodingError("NaN in layer.weight")]
-)
-def test_keep_local_still_raises_on_errors_that_repeat(tmp_path, error):
-    cb = _failing([error])(on_failure="keep_local")
-    with pytest.raises(type(error)):
+def test_keep_local_still_raises_on_encoding_errors(tmp_path):
+    cb = _failing([EncodingError("NaN in layer.weight")])(on_failure="keep_local")
+    with pytest.raises(EncodingError):
         _train(tmp_path, [cb])
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        SchemaMismatchError("other model"),
+        SignupRejectedError("scheduler refused peer p1: not_admitted"),
+        ForeignMemberError("member x has key 0123456789ab, which is not in our roster"),
+    ],
+)
+def test_keep_local_survives_a_refused_signup(tmp_path, error):
+    # Issue 19, finding 3: an outsider squatting the session with another schema must
+    # not end trainer.fit under keep_local; the local weights are kept, once per round.
+    cb = _failing([error])(on_failure="keep_local")
+    model = _RecordingModel()
+    with pytest.warns(RuntimeWarning, match="keeping the local weights"):
+        trainer = _train(tmp_path, [cb], model=model, max_epochs=2)
+    assert len(FakePeer.instances[0].calls) == 2  # not retried within the round
+    assert (cb.rounds_completed, cb.rounds_failed) == (1, 1)
+    assert trainer.callback_metrics["secagg/failed_rounds"] == 1
+    torch.testing.assert_close(
+        model.val_weights[0], FakePeer.instances[0].calls[0]["state"]["layer.weight"]
+    )
 
 
 def test_unexpected_error_propagates(tmp_path):
@@ -732,3 +754,23 @@ def test_a_second_fit_with_the_same_callback_runs_its_rounds(tmp_path):
     _train(tmp_path, [cb], max_epochs=1)
     assert cb.rounds_completed == 2
     assert [len(p.calls) for p in FakePeer.instances] == [1, 1]
+
+
+# ---------------------------------------------------------------------- roster
+def test_roster_and_keys_are_checked_when_the_callback_is_built(tmp_path):
+    from lightning_secagg.security import KeyPair, write_key_files
+
+    _public_file, secret_file = write_key_files(tmp_path, "me")
+    mine = KeyPair.load(secret_file)
+    other, sched = KeyPair.generate(), KeyPair.generate()
+    roster = tmp_path / "roster.txt"
+    roster.write_text(f"me {mine.public}\nother {other.public}\n")
+    cb = SecureAggregationCallback(scheduler_key=sched.public, roster=roster, keys=secret_file)
+    assert cb.keys.public == mine.public
+    peer = cb._create_peer()
+    assert peer.public_key == mine.public and peer.roster.admits(other.public)
+    roster.write_text("me not-a-key\n")
+    with pytest.raises(SecureAggregationMisconfigurationError, match=r"roster .*line 1"):
+        SecureAggregationCallback(scheduler_key=sched.public, roster=roster)
+    with pytest.raises(SecureAggregationMisconfigurationError, match="keys must be"):
+        SecureAggregationCallback(scheduler_key=sched.public, keys=42)

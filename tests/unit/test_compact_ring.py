@@ -16,6 +16,11 @@ dtype for the final cast. The ``|m|`` term (count-slot rounding) is at most
 so the simpler ``N * 2**(e - 31) + ulp(result)`` holds as well; both are
 asserted. :func:`test_the_value_rounding_term_is_attained` shows the first term
 is reached exactly, so the bound cannot be tightened by a constant factor.
+
+Since issue 19 (finding 8) the count slot has 24 fraction bits, so that it never
+wraps whatever total weight the scheduler relays; it is checked against its
+nominal ``2**24`` and that nominal value divides, so the count-slot term above is
+now zero (the bounds asserted still hold, with room to spare).
 """
 
 from __future__ import annotations
@@ -51,10 +56,12 @@ from lightning_secagg.protocol.peer_round import PeerRound
 from lightning_secagg.protocol.peer_session import PeerSession, State
 from lightning_secagg.protocol.scheduler_state import Outgoing, SchedulerState
 from lightning_secagg.ring import (
+    COMPACT_COUNT_BITS,
     COMPACT_MAX_PEERS,
     MAX_EXPONENT,
     MIN_EXPONENT,
     RingPlan,
+    check_compact_count,
     check_relayed_ring,
     compact_ring_allowed,
     relayed_exponents,
@@ -109,9 +116,14 @@ def fixed_point_bound(n: int, e: int, mean_abs: torch.Tensor) -> torch.Tensor:
 
 
 def plain_mean(total: np.ndarray, plan: RingPlan, start: int, stop: int, f: int) -> np.ndarray:
-    """The decoded mean of elements ``[start, stop)`` before any cast or rounding."""
+    """The decoded mean of elements ``[start, stop)`` before any cast or rounding.
+
+    The compact count slot is checked, then its nominal value divides
+    (``ring.check_compact_count``): the mean is ``S * 2**-f``.
+    """
     signed = total.view(plan.signed_dtype)
-    return signed[start:stop].astype(np.float64) / float(signed[0]) * 2.0 ** (30 - f)
+    assert check_compact_count(int(signed[0])) is None
+    return signed[start:stop].astype(np.float64) * 2.0**-f
 
 
 # -- magnitude_exponents ----------------------------------------------------------------
@@ -289,8 +301,12 @@ MIXED = Schema.of(
 
 
 def test_allowed_for_floats_bools_and_small_ints():
-    assert compact_ring_allowed(MIXED, [29, 15, -64, 1, 3], 3) is None
-    assert compact_ring_allowed(MIXED, [64, 64, 64, 1, 3], 64) is None  # floats: any exponent
+    assert compact_ring_allowed(MIXED, [14, 14, -64, 1, 3], 3) is None
+    assert compact_ring_allowed(MIXED, [14, 14, 14, 1, 3], 64) is None
+    # Floats: at most exponent 14, i.e. at least 16 fraction bits (issue 19, finding 7).
+    for exponents in ([29, 14, -64, 1, 3], [14, 15, 0, 1, 3], [64, 64, 64, 1, 3]):
+        reason = compact_ring_allowed(MIXED, exponents, 3)
+        assert reason is not None and "fewer than 16" in reason
     assert compact_ring_allowed(MIXED, [-64, -64, -64, 1, -64], 2) is None
 
 
@@ -359,7 +375,8 @@ def test_ring_plans():
     assert (wide.dtype, wide.signed_dtype) == (np.dtype("<u8"), np.dtype("<i8"))
     assert wide.vector_nbytes(schema) == 8 * 6
     compact = RingPlan.compact(schema, [3, -64])
-    assert compact == RingPlan(32, (27, 94), 30)
+    assert compact == RingPlan(32, (27, 94), COMPACT_COUNT_BITS)
+    assert COMPACT_COUNT_BITS == 24  # 64 shares of at most 1 each stay below 2**30
     assert (compact.dtype, compact.signed_dtype) == (U32, np.dtype("<i4"))
     assert compact.vector_nbytes(schema) == 4 * 6
     with pytest.raises(EncodingError, match="1 exponents for 2 tensors"):
@@ -427,7 +444,7 @@ def test_single_peer_round_trip_in_the_compact_ring_is_exact_where_the_grid_allo
     assert compact_ring_allowed(schema, exps, 1) is None
     plan = RingPlan.compact(schema, exps)
     vector = encode(sd, schema, 1.0, plan=plan)
-    assert vector.dtype == U32 and int(vector[0]) == 2**30
+    assert vector.dtype == U32 and int(vector[0]) == 2**COMPACT_COUNT_BITS
     out = decode_result(decode_total(vector, schema, plan), schema)
     for name, t in sd.items():
         assert out[name].dtype == t.dtype
@@ -470,7 +487,8 @@ def test_tensors_larger_than_one_chunk_decode_like_the_elementwise_formula():
 # -- the error bound, property-based ----------------------------------------------------
 
 FLOAT_KINDS = [torch.float32, torch.float32, torch.float16, torch.bfloat16]
-SCALES = {torch.float32: (-90, 29), torch.bfloat16: (-90, 29), torch.float16: (-20, 15)}
+# Float exponents up to 14: above, the compact ring is refused (MIN_COMPACT_FRAC_BITS).
+SCALES = {torch.float32: (-90, 14), torch.bfloat16: (-90, 14), torch.float16: (-20, 14)}
 SHAPES = [(), (1,), (4,), (2, 3), (17,), (0,)]
 MODES = ["uniform", "spread", "extreme", "sparse", "powers"]
 
@@ -545,7 +563,7 @@ def test_compact_ring_error_bound_and_exact_shares(case):
 
     # The integer sum never leaves int32; the wrapping uint32 sum is that sum.
     exact = np.stack([v.view(np.int32).astype(np.int64) for v in vectors]).sum(axis=0)
-    assert abs(int(exact[0]) - 2**30) <= n // 2 + 1
+    assert abs(int(exact[0]) - 2**COMPACT_COUNT_BITS) <= n // 2 + 1
     assert int(np.abs(exact[1:]).max(initial=0)) <= 2**30 + n // 2
     assert exact.min() >= -(2**31) and exact.max() < 2**31
     total = ring_sum(vectors)
@@ -599,25 +617,25 @@ def test_the_value_rounding_term_is_attained():
     assert exponents_of(sds) == [e]
     plan = RingPlan.compact(schema, [e])
     total = ring_sum(encode_all(sds, [1.0] * n, schema, plan))
-    assert total.tolist() == [2**30, int(1.5 * 2**23) * n, 2 * n]
+    assert total.tolist() == [2**COMPACT_COUNT_BITS, int(1.5 * 2**23) * n, 2 * n]
     out = decode_result(decode_total(total, schema, plan), schema)
     assert out["w"][0].item() == 1.5
     assert out["w"][1].item() - x == n * 2.0 ** (e - 31)
 
 
-def test_count_slot_rounding_adds_the_relative_term():
-    """Three equal peers: ``C = 2**30 - 1``, so the mean before the cast is off by more than
-    ``N * 2**(e - 31)``; the float32 cast (the ulp term) absorbs it."""
+def test_count_slot_rounding_adds_no_error():
+    """Three equal peers: ``C = 2**24 - 1``; the count is only checked, its nominal value
+    divides, so the mean is within the value-rounding term (issue 19, finding 8)."""
     n, e = 3, 1
     x = float(np.float32(2.0) - np.float32(2.0**-22))
     sds = [{"w": torch.tensor([x])} for _ in range(n)]
     schema = Schema.of(sds[0])
     plan = RingPlan.compact(schema, exponents_of(sds))
     total = ring_sum(encode_all(sds, [1.0] * n, schema, plan))
-    assert int(total[0]) == 2**30 - 1
+    assert int(total[0]) == 2**COMPACT_COUNT_BITS - 1
     mean = plain_mean(total, plan, 1, 2, 29)
     err = abs(float(mean[0]) - x)
-    assert err > n * 2.0 ** (e - 31)
+    assert err <= n * 2.0 ** (e - 31)
     assert err <= float(fixed_point_bound(n, e, torch.tensor(x)))
     out = decode_result(decode_total(total, schema, plan), schema)
     assert out["w"].item() == x
@@ -1098,7 +1116,7 @@ def test_check_relayed_ring_accepts_the_64_bit_ring_always(ring):
     assert check_relayed_ring(PEER_SCHEMA, 16, None, PEER_EXPS, 3, compact_wanted=True) is not None
 
 
-@pytest.mark.parametrize("relayed", [[2, 4, 1], [10, 4, 1], [2, 7, 1], [29, 18, 1]])
+@pytest.mark.parametrize("relayed", [[2, 4, 1], [10, 4, 1], [2, 7, 1], [14, 18, 1]])
 def test_check_relayed_ring_accepts_a_safe_compact_ring(relayed):
     assert check_relayed_ring(PEER_SCHEMA, 32, relayed, PEER_EXPS, 3, compact_wanted=True) is None
 
