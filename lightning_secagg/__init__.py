@@ -24,6 +24,7 @@ from lightning_secagg.errors import (
     SchemaMismatchError,
     SecAggError,
     SignupRejectedError,
+    TooFewPeersError,
 )
 from lightning_secagg.schema import Schema
 from lightning_secagg.tree import AggregationTree, build_tree
@@ -69,6 +70,7 @@ __all__ = [
     "SecAggError",
     "SecureAggregationCallback",
     "SignupRejectedError",
+    "TooFewPeersError",
     "__version__",
     "build_tree",
 ]

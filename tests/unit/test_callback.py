@@ -73,6 +73,14 @@ class FakePeer:
     def stop(self) -> None:
         self.stopped += 1
 
+    def close(self) -> None:  # leaves for good, then stops (as Peer.close)
+        self.closed = getattr(self, "closed", 0) + 1
+        self.stop()
+
+    @property
+    def waiting_status(self) -> None:
+        return None
+
     def preflight(self, timeout: float = 10.0) -> float:
         self.preflights = getattr(self, "preflights", 0) + 1
         return 0.0
@@ -310,7 +318,7 @@ def test_peer_started_in_setup_and_stopped_in_teardown(tmp_path):
     cb = FakeCallback(address=0, scheduler_key=key)
     _train(tmp_path, [cb], max_epochs=1)
     (peer,) = FakePeer.instances
-    assert (peer.started, peer.stopped) == (1, 1)
+    assert (peer.started, peer.stopped, peer.closed) == (1, 1, 1)  # it left for good
     assert peer.kwargs["scheduler_key"] == key
     assert cb.peer is None
     cb.teardown(None, None, "fit")  # idempotent
