@@ -609,7 +609,16 @@ class PeerSession:
             return []
         old, self.waiting_status = self.waiting_status, msg
         if old != msg:  # logged on change only
-            log.info("peer %s: %s", self.peer_id, describe_waiting(msg))
+            if msg.others > msg.waiting:  # most waiting peers have another model
+                log.warning(
+                    "peer %s: most peers waiting in session %r have a different model "
+                    "(see the scheduler's note at sign-up): %s",
+                    self.peer_id,
+                    self.session,
+                    describe_waiting(msg),
+                )
+            else:
+                log.info("peer %s: %s", self.peer_id, describe_waiting(msg))
         return []
 
     def _on_rejoin(self, msg: Rejoin, now: float) -> list[Any]:

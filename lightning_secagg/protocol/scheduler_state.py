@@ -70,6 +70,8 @@ DEFAULT_MAX_QUEUED = 10_000
 DEFAULT_LEAVER_MEMORY = 3600.0
 #: The rule's grace, in seconds, where ``queue_wait`` is 0.
 DEFAULT_LEAVE_GRACE = 5.0
+#: Waiting statuses pushed to smaller schema groups per sign-up.
+MAX_MINORITY_PUSHES = 16
 #: Sessions whose recent leavers are remembered (the oldest is forgotten first).
 MAX_LEAVER_SESSIONS = 1024
 
@@ -623,15 +625,17 @@ class SchedulerState:
             if elements == 0:
                 return self._refuse(conn, msg, "bad_schema", "bad schema: no elements")
             fingerprint = schema.fingerprint()
-            del schema  # only the packed form is kept
         else:
             fingerprint = held.fingerprint
+            schema = None
         if self.schema_fingerprint is not None and fingerprint != self.schema_fingerprint:
             reason = (
                 f"this scheduler accepts only models with schema fingerprint "
                 f"{self.schema_fingerprint}; yours is {fingerprint}"
+                f"{self._pinned_difference(schema)}"
             )
             return self._refuse(conn, msg, "schema_mismatch", reason)
+        del schema  # only the packed form is kept
         if msg.round_key and not is_z85_key(msg.round_key):
             return self._refuse(conn, msg, "bad_key", "the round key is not a valid Z85 public key")
         tensors = len(msg.schema)
@@ -731,6 +735,7 @@ class SchedulerState:
         )
         ack = SignupAck(msg.session, msg.peer_id, mine, safe_text(note, MAX_REASON_LEN))
         out.append(Outgoing(conn, ack))
+        out += self._tell_minorities(msg.session, session, digest)
         self._expire_queued(msg.session, session, now)
         while (
             msg.session in self.sessions
@@ -738,6 +743,47 @@ class SchedulerState:
         ):
             out += self._form_round(msg.session, self.sessions[msg.session], digest)
         return out
+
+    def _tell_minorities(self, name: str, session: _Session, digest: str) -> list[Outgoing]:
+        """Tell the peers of smaller schema groups at once that a bigger group waits.
+
+        A peer whose model differs from that of most peers waiting in its session
+        learns it when they sign up, not at its next heartbeat. Bounded: only
+        groups below ``min_size``, at most :data:`MAX_MINORITY_PUSHES` messages.
+        """
+        bigger = session.per_schema[digest]
+        short = {d for d, n in session.per_schema.items() if n < bigger and n < self.min_size}
+        out: list[Outgoing] = []
+        if not short:
+            return out
+        left = [pid for pid, _ in self.leavers.get(name, ())]
+        for w in session.queue.values():
+            if w.schema in short and len(out) < MAX_MINORITY_PUSHES:
+                mine = session.per_schema[w.schema]
+                status = WaitingStatus(
+                    name,
+                    w.peer_id,
+                    mine,
+                    len(session.queue) - mine,
+                    self.target_size,
+                    self.min_size,
+                    left,
+                )
+                out.append(Outgoing(w.conn, status))
+        return out
+
+    def _pinned_difference(self, schema: Schema | None) -> str:
+        """``": <how schema differs from the pinned one>"`` where a queued peer holds the
+        pinned schema and both are small (the pin itself is only a fingerprint), else ``""``."""
+        if schema is None:
+            return ""
+        pinned = next(
+            (h for h in self.schemas.values() if h.fingerprint == self.schema_fingerprint), None
+        )
+        if pinned is None or len(pinned.packed) > 64 * 1024 or len(schema.tensors) > 4096:
+            return ""
+        diff = pinned.schema().difference(schema)
+        return "" if diff is None else f" ({diff})"
 
     def _difference(self, reference: str, other: str) -> str:
         """``": <how other differs from reference>"`` for small schemas, else ``""``.

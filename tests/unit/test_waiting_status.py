@@ -28,7 +28,7 @@ from lightning_secagg.protocol.peer_session import State, describe_waiting, is_r
 from lightning_secagg.protocol.scheduler_state import DEFAULT_LEAVE_GRACE, SchedulerState
 from lightning_secagg.schema import Schema
 from tests.unit.test_peer_session import begun, kinds, queued, snapshot
-from tests.unit.test_scheduler_state import Clock, conn, messages, signup
+from tests.unit.test_scheduler_state import SCHEMA, Clock, conn, messages, signup
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -228,3 +228,35 @@ def test_farewell_names_the_session_and_the_peer():
     s = queued()
     (out,) = s.farewell()
     assert out.message == Farewell("s", "me")
+
+
+# -- a wrong-architecture peer is told at once (issue 22, item 2) ---------------------
+
+
+def test_a_pinned_scheduler_names_the_difference_when_it_holds_the_pinned_schema():
+    state, _ = make(schema_fingerprint=SCHEMA.fingerprint())
+    (lone,) = refused(state.receive(conn(2), signup(2, schema=OTHER))).values()
+    assert lone.code == "schema_mismatch" and "has shape" not in lone.reason  # nothing to compare
+    state.receive(conn(1), signup(1))
+    (msg,) = refused(state.receive(conn(2), signup(2, schema=OTHER))).values()
+    assert msg.code == "schema_mismatch"
+    assert SCHEMA.fingerprint() in msg.reason and "'w' has shape [4], expected [3]" in msg.reason
+
+
+def test_a_first_comer_with_another_model_is_told_when_the_majority_signs_up():
+    state, _ = make()
+    state.receive(conn(1), signup(1, schema=OTHER))
+    assert messages(state.receive(conn(2), signup(2)), WaitingStatus) == []  # 1 against 1
+    ((to, status),) = messages(state.receive(conn(3), signup(3)), WaitingStatus)
+    assert to == conn(1) and (status.peer_id, status.waiting, status.others) == ("p1", 1, 2)
+    out = state.receive(conn(4), signup(4))  # the correct peers' round forms regardless
+    assert {c for c, _ in messages(out, Assignment)} == {conn(2), conn(3), conn(4)}
+    assert state.queued("s") == 1
+
+
+def test_a_peer_in_the_minority_warns(caplog):
+    s = queued()
+    with caplog.at_level("INFO", logger="lightning_secagg.protocol.peer_session"):
+        s.receive_scheduler(WaitingStatus("s", "me", 1, 2, 3, 3, []), 1.0)
+    (rec,) = [r for r in caplog.records if "different model" in r.getMessage()]
+    assert rec.levelname == "WARNING" and "2 wait with a different model schema" in rec.getMessage()
