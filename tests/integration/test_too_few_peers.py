@@ -83,3 +83,57 @@ def test_a_finished_peer_leaves_and_the_others_are_told_too_few_within_two_queue
         for p in peers:
             p.stop()
         stop_all([proc])
+
+
+def test_a_wrong_model_first_in_the_queue_is_told_at_once_and_the_others_complete():
+    """Issue 22, item 2: the first peer to sign up has another architecture. The three
+    correct peers still complete their round; the wrong one hears at once (a pushed
+    status, not its next heartbeat: its heartbeat interval is 30 s) that most peers
+    waiting have another model, and once they have left for good it gets the typed
+    "too few peers" error within 2 x queue_wait instead of timing out."""
+    proc, address, key = start_scheduler(
+        "--port", str(free_port()), "--target-size", "3", "--min-size", "3",
+        "--queue-wait", "1", "--round-timeout", "60",
+    )  # fmt: skip
+    kw = {"scheduler_key": key, "session": "fed"}
+    wrong = Peer("tcp://127.0.0.1:0", address, peer_id="odd", heartbeat_interval=30.0, **kw)
+    good = [Peer("tcp://127.0.0.1:0", address, peer_id=f"p{i}", **kw) for i in range(3)]
+    results: dict[str, object] = {}
+    ended: dict[str, float] = {}
+
+    def work(p: Peer, sd: dict[str, torch.Tensor]) -> None:
+        try:
+            results[p.peer_id] = p.aggregate(sd, timeout=60)
+        except Exception as exc:  # collected for the test
+            results[p.peer_id] = exc
+        ended[p.peer_id] = time.monotonic()
+
+    try:
+        for p in [wrong, *good]:
+            p.start()
+        odd = threading.Thread(target=work, args=(wrong, {"w": torch.zeros(5)}))
+        odd.start()
+        read_line_matching(proc, "peer odd joined session 'fed'", 10)
+        started = time.monotonic()
+        threads = [threading.Thread(target=work, args=(p, model(i))) for i, p in enumerate(good)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+            assert not t.is_alive(), "a correct peer hung"
+        assert all(isinstance(results[f"p{i}"], dict) for i in range(3)), results
+        status = wrong.waiting_status
+        assert status is not None and status.waiting == 1 and status.others >= 2, status
+        assert time.monotonic() - started < 10  # well before its first heartbeat (30 s)
+        left = time.monotonic()
+        for p in good:
+            p.close()
+        odd.join(timeout=30)
+        assert not odd.is_alive(), "the wrong peer hung"
+        assert isinstance(results["odd"], TooFewPeersError), results["odd"]
+        assert ended["odd"] - left < 2 * 1.0, ended["odd"] - left
+        print(f"odd told too few peers {ended['odd'] - left:.2f} s after the others left")
+    finally:
+        for p in [wrong, *good]:
+            p.stop()
+        stop_all([proc])
