@@ -740,3 +740,18 @@ def test_a_second_fit_with_the_same_callback_runs_its_rounds(tmp_path):
     _train(tmp_path, [cb], max_epochs=1)
     assert cb.rounds_completed == 2
     assert [len(p.calls) for p in FakePeer.instances] == [1, 1]
+
+
+def test_too_few_peers_is_not_retried_and_keep_local_goes_on(tmp_path):
+    """Issue 22: the "too few peers" error is handled by on_failure, never retried."""
+    from lightning_secagg import TooFewPeersError
+
+    cb = _failing([TooFewPeersError("p2 left for good")])(on_failure="retry", max_retries=3)
+    with pytest.raises(TooFewPeersError, match="p2 left"):
+        _train(tmp_path, [cb], max_epochs=1)
+    assert len(FakePeer.instances[0].calls) == 1  # one attempt, no retry
+    FakePeer.instances.clear()
+    cb = _failing([TooFewPeersError("p2 left for good")])(on_failure="keep_local")
+    with pytest.warns(RuntimeWarning, match="keeping the local weights"):
+        _train(tmp_path, [cb], max_epochs=2)
+    assert (cb.rounds_completed, cb.rounds_failed) == (1, 1)
