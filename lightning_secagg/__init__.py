@@ -25,6 +25,7 @@ from lightning_secagg.errors import (
     SchemaMismatchError,
     SecAggError,
     SignupRejectedError,
+    TooFewPeersError,
 )
 from lightning_secagg.roster import Roster
 from lightning_secagg.schema import Schema
@@ -73,6 +74,7 @@ __all__ = [
     "SecAggError",
     "SecureAggregationCallback",
     "SignupRejectedError",
+    "TooFewPeersError",
     "__version__",
     "build_tree",
 ]

@@ -55,6 +55,7 @@ from lightning_secagg.roster import Roster
 from lightning_secagg.security import KeyPair
 
 if TYPE_CHECKING:
+    from lightning_secagg.messages import WaitingStatus
     from lightning_secagg.peer import Peer
 
 log = logging.getLogger(__name__)
@@ -464,22 +465,38 @@ class SecureAggregationCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Stop the peer (idempotent)."""
-        self._stop_peer()
+        """Leave the session for good and stop the peer (idempotent).
+
+        The scheduler is told (``Peer.close``), so peers still waiting for this
+        one are told at once when too few remain, instead of timing out.
+        """
+        self._stop_peer(farewell=True)
 
     @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        """Stop the peer when training dies (Lightning skips ``teardown`` then)."""
-        self._stop_peer()
+        """Leave for good and stop the peer when training dies (Lightning skips
+        ``teardown`` then): this fit will not sign up again."""
+        self._stop_peer(farewell=True)
 
-    def _stop_peer(self) -> None:
+    @property
+    def waiting_status(self) -> WaitingStatus | None:
+        """What the scheduler last said the running round waits for (None: nothing yet).
+
+        See :attr:`lightning_secagg.peer.Peer.waiting_status`.
+        """
+        return self._peer.waiting_status if self._peer is not None else None
+
+    def _stop_peer(self, *, farewell: bool = False) -> None:
         peer, self._peer = self._peer, None
         if peer is None:
             return
         try:
-            peer.stop()
+            if farewell:
+                peer.close()
+            else:
+                peer.stop()
         except Exception:  # a failing stop must not hide the original error
             log.exception("stopping the secure aggregation peer failed")
 

@@ -84,6 +84,14 @@ class SchemaMismatchError(SignupRejectedError, ValueError):
     """The model's names, shapes or dtypes differ from those of the session's other peers."""
 
 
+class TooFewPeersError(SignupRejectedError):
+    """The session cannot form a round: peers of it left for good and too few remain.
+
+    Not retried (a new sign-up would wait for the same missing peers); the
+    scheduler's rule is in :class:`~lightning_secagg.protocol.scheduler_state.SchedulerState`.
+    """
+
+
 class PreflightError(SecAggError):
     """The peer could not reach the scheduler before any round (see ``Peer.preflight``)."""
 

@@ -27,6 +27,8 @@ MAX_ID_LEN = 128
 MAX_ENDPOINT_LEN = 256
 MAX_REASON_LEN = 4096
 MAX_MEMBERS = 100_000
+#: Recent leavers named in a :class:`WaitingStatus`.
+MAX_LEFT_IDS = 16
 MAX_SCHEMA_ENTRIES = 100_000
 MAX_NAME_LEN = 1024
 MAX_LEVELS = 64
@@ -165,6 +167,13 @@ def real(lo: float, hi: float, *, open_lo: bool = False) -> Validator:
         return v
 
     return check
+
+
+def ident_list(value: Any) -> list[str]:
+    """At most :data:`MAX_LEFT_IDS` peer ids."""
+    if not isinstance(value, list) or len(value) > MAX_LEFT_IDS:
+        raise HeaderError(f"expected a list of at most {MAX_LEFT_IDS} peer ids")
+    return [ident(pid) for pid in value]
 
 
 def optional_ident(value: Any) -> str | None:
@@ -372,7 +381,8 @@ class SignupRejected(Message):
     connection's), ``id_in_use`` (another key holds the peer id),
     ``not_admitted`` (the key is not on the scheduler's roster), ``key_quota``
     (the key already holds ``max_ids_per_key`` queued ids), ``busy`` (the
-    scheduler's queues are full). ``reason`` is escaped and bounded
+    scheduler's queues are full), ``too_few_peers`` (peers of the session left
+    for good and too few remain to form a round). ``reason`` is escaped and bounded
     (:func:`safe_text`) when it is read.
     """
 
@@ -436,6 +446,53 @@ class Leave(Message):
 
     TYPE: ClassVar[str] = "leave"
     FIELDS: ClassVar[dict[str, Validator]] = {"session": ident, "peer_id": ident}
+
+
+@dataclass(frozen=True)
+class Farewell(Message):
+    """A peer leaves the session for good (it finished, or its process ends).
+
+    Sent by ``Peer.close()``, the callback's teardown and a KeyboardInterrupt.
+    The scheduler drops it from the queue at once and remembers it among the
+    session's recent leavers: the rest of the session may then be told that too
+    few peers remain (see :class:`WaitingStatus` and the ``too_few_peers`` refusal).
+    """
+
+    session: str
+    peer_id: str
+
+    TYPE: ClassVar[str] = "farewell"
+    FIELDS: ClassVar[dict[str, Validator]] = {"session": ident, "peer_id": ident}
+
+
+@dataclass(frozen=True)
+class WaitingStatus(Message):
+    """What a queued peer waits for: the scheduler's answer to its heartbeat.
+
+    ``waiting`` peers with its schema (itself included) and ``others`` with
+    another schema wait in its session; a round needs ``target_size`` (or
+    ``min_size`` after the queue wait); ``left`` names the session's recent
+    leavers (at most :data:`MAX_LEFT_IDS`, newest last).
+    """
+
+    session: str
+    peer_id: str
+    waiting: int
+    others: int
+    target_size: int
+    min_size: int
+    left: list[str]
+
+    TYPE: ClassVar[str] = "waiting"
+    FIELDS: ClassVar[dict[str, Validator]] = {
+        "session": ident,
+        "peer_id": ident,
+        "waiting": integer(0, MAX_MEMBERS),
+        "others": integer(0, MAX_MEMBERS),
+        "target_size": integer(0, MAX_MEMBERS),
+        "min_size": integer(0, MAX_MEMBERS),
+        "left": ident_list,
+    }
 
 
 @dataclass(frozen=True)
@@ -578,8 +635,10 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Share,
         Partial,
         Result,
+        Farewell,
+        WaitingStatus,
     )
 }
 PEER_TO_PEER = (Share, Partial, Result)
-FROM_SCHEDULER = (SignupAck, SignupRejected, Assignment, Rejoin, Abort)
-TO_SCHEDULER = (Signup, Leave, Heartbeat, Done, Abort)
+FROM_SCHEDULER = (SignupAck, SignupRejected, Assignment, Rejoin, Abort, WaitingStatus)
+TO_SCHEDULER = (Signup, Leave, Heartbeat, Done, Abort, Farewell)

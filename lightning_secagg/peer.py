@@ -42,7 +42,7 @@ from lightning_secagg.errors import (
     SchedulerKeyError,
     SchedulerUnreachableError,
 )
-from lightning_secagg.messages import FROM_SCHEDULER, Done, Heartbeat
+from lightning_secagg.messages import FROM_SCHEDULER, Done, Heartbeat, WaitingStatus
 from lightning_secagg.peer_options import (  # noqa: F401 - part of this module's API
     DEFAULT_MAX_MESSAGE_BYTES,
     PeerOptions,
@@ -371,6 +371,27 @@ class Peer:
         self._ctx = self._inbox = self._scheduler = None
         log.info("peer %s stopped", self.peer_id)
 
+    def close(self) -> None:
+        """Leave the session for good, then :meth:`stop`. Idempotent.
+
+        The scheduler is told (a ``Farewell``): it drops this peer from its
+        queue and may then tell the session's other peers at once that too few
+        remain, instead of letting them time out. Use :meth:`stop` for a pause
+        after which the peer signs up again.
+        """
+        if self._ctx is not None and self._session is not None:
+            self._apply(self._session.farewell())
+        self.stop()
+
+    @property
+    def waiting_status(self) -> WaitingStatus | None:
+        """What the scheduler last said the current call waits for (None: nothing yet).
+
+        How many peers with this model, and with another, wait in the session,
+        the round's ``target_size`` and ``min_size``, and who left for good.
+        """
+        return self._session.waiting_status if self._session is not None else None
+
     def __enter__(self) -> Peer:
         return self.start()
 
@@ -380,7 +401,10 @@ class Peer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.close()  # the user stopped the program: it will not sign up again
+        else:
+            self.stop()
 
     def __getstate__(self) -> dict[str, object]:
         raise TypeError("a Peer owns sockets and cannot be pickled; create it in each process")

@@ -58,11 +58,13 @@ from lightning_secagg.errors import (
     RoundTimeoutError,
     SchemaMismatchError,
     SignupRejectedError,
+    TooFewPeersError,
 )
 from lightning_secagg.messages import (
     Abort,
     Assignment,
     Done,
+    Farewell,
     Heartbeat,
     Leave,
     Message,
@@ -71,6 +73,7 @@ from lightning_secagg.messages import (
     Signup,
     SignupAck,
     SignupRejected,
+    WaitingStatus,
 )
 from lightning_secagg.protocol.peer_round import Send
 from lightning_secagg.protocol.segmented_round import SegmentedRound
@@ -115,6 +118,19 @@ def is_retryable(exc: BaseException) -> bool:
     peer's and the callback's.
     """
     return isinstance(exc, RoundFailedError) and not isinstance(exc, SignupRejectedError)
+
+
+def describe_waiting(status: WaitingStatus) -> str:
+    """One line for a :class:`WaitingStatus`: who waits, for what, and who left."""
+    line = (
+        f"{status.waiting} peer(s) with this model wait in session {status.session!r} "
+        f"for a round of {status.target_size} (at least {status.min_size} after the queue wait)"
+    )
+    if status.others:
+        line += f"; {status.others} wait with a different model schema"
+    if status.left:
+        line += f"; left for good: {', '.join(status.left)}"
+    return line
 
 
 def result_slot(
@@ -317,12 +333,15 @@ class PeerSession:
         self.result: np.ndarray | None = None
         self.round_info: RoundInfo | None = None
         self.error: RoundFailedError | None = None
+        #: What the scheduler last said this call waits for (None: nothing yet).
+        self.waiting_status: WaitingStatus | None = None
         self._scheduler_handlers: dict[type[Message], Callable[[Any, float], list[Any]]] = {
             SignupAck: self._on_ack,
             SignupRejected: self._on_rejected,
             Assignment: self._on_assignment,
             Rejoin: self._on_rejoin,
             Abort: self._on_abort,
+            WaitingStatus: self._on_waiting,
         }
 
     # -- what the shell asks ----------------------------------------------------
@@ -389,7 +408,17 @@ class PeerSession:
         )
         self._early_budget = self._call.early_budget
         self.result = self.round_info = self.error = None
+        self.waiting_status = None
         return self._sign_up(now)
+
+    def farewell(self) -> list[Any]:
+        """Leave the session for good (the peer will not sign up again).
+
+        The shell sends it when it closes; the scheduler drops this peer from
+        its queue and counts it among the session's leavers, so that the
+        others may be told at once when too few peers remain.
+        """
+        return [ToScheduler(Farewell(self.session, self.peer_id))]
 
     def receive_scheduler(self, msg: Message, now: float) -> list[Any]:
         """Handle one message from the scheduler.
@@ -575,8 +604,29 @@ class PeerSession:
         cls = {
             "schema_mismatch": SchemaMismatchError,
             "id_in_use": PeerIdInUseError,
+            "too_few_peers": TooFewPeersError,
         }.get(msg.code, SignupRejectedError)
         return self._fail(now, cls(f"scheduler refused peer {self.peer_id}: {msg.reason}"))
+
+    def _on_waiting(self, msg: WaitingStatus, now: float) -> list[Any]:
+        # An answer to a heartbeat; one that crossed our assignment is stale, not wrong.
+        if msg.peer_id != self.peer_id or msg.session != self.session:
+            raise RemoteProtocolError(f"waiting status for {msg.peer_id}, not us")
+        if self.state not in (State.SIGNING_UP, State.QUEUED):
+            return []
+        old, self.waiting_status = self.waiting_status, msg
+        if old != msg:  # logged on change only
+            if msg.others > msg.waiting:  # most waiting peers have another model
+                log.warning(
+                    "peer %s: most peers waiting in session %r have a different model "
+                    "(see the scheduler's note at sign-up): %s",
+                    self.peer_id,
+                    self.session,
+                    describe_waiting(msg),
+                )
+            else:
+                log.info("peer %s: %s", self.peer_id, describe_waiting(msg))
+        return []
 
     def _on_rejoin(self, msg: Rejoin, now: float) -> list[Any]:
         # The scheduler does not know us (it restarted, or dropped us as silent):
@@ -888,9 +938,11 @@ class PeerSession:
                 "a round assignment from the scheduler (fewer peers than the round size have "
                 "signed up, the scheduler is unreachable, or its key is not the one given)"
             )
+            status = self.waiting_status
+            said = "" if status is None else f"; last status: {describe_waiting(status)}"
             return (
                 f"peer {self.peer_id} timed out after {call.timeout:g} s waiting for {what}"
-                f"{self._waited(now)}"
+                f"{self._waited(now)}{said}"
             )
         return (
             f"peer {self.peer_id} timed out after {call.timeout:g} s in round "
@@ -915,6 +967,7 @@ __all__ = [
     "State",
     "ToScheduler",
     "Wire",
+    "describe_waiting",
     "is_retryable",
     "result_slot",
 ]

@@ -24,6 +24,7 @@ import hashlib
 import logging
 import secrets
 from array import array
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,10 +34,12 @@ import msgpack
 from lightning_secagg.deadlines import DEFAULT_POLICY, DeadlinePolicy
 from lightning_secagg.errors import ConfigurationError, RemoteProtocolError
 from lightning_secagg.messages import (
+    MAX_LEFT_IDS,
     MAX_REASON_LEN,
     Abort,
     Assignment,
     Done,
+    Farewell,
     Heartbeat,
     Leave,
     Message,
@@ -44,6 +47,7 @@ from lightning_secagg.messages import (
     Signup,
     SignupAck,
     SignupRejected,
+    WaitingStatus,
     is_z85_key,
     safe_text,
 )
@@ -62,6 +66,14 @@ DEFAULT_MAX_ELEMENTS = 2**34
 DEFAULT_MAX_SCHEMA_BYTES = 256 * 1024 * 1024
 #: Default bound on queued peers over all sessions.
 DEFAULT_MAX_QUEUED = 10_000
+#: Seconds a leave for good counts towards the "too few peers" rule.
+DEFAULT_LEAVER_MEMORY = 3600.0
+#: The rule's grace, in seconds, where ``queue_wait`` is 0.
+DEFAULT_LEAVE_GRACE = 5.0
+#: Waiting statuses pushed to smaller schema groups per sign-up.
+MAX_MINORITY_PUSHES = 16
+#: Sessions whose recent leavers are remembered (the oldest is forgotten first).
+MAX_LEAVER_SESSIONS = 1024
 
 
 def schema_elements(entries: Sequence[Any], limit: int) -> int:
@@ -210,6 +222,19 @@ class SchedulerState:
         schema_fingerprint: Pin: only sign-ups whose schema has this
             :meth:`Schema.fingerprint` are accepted (None: any schema, each
             queued with its own kind).
+        leaver_memory: Seconds a peer's :class:`Farewell` (it left the session
+            for good) counts towards the "too few peers" rule.
+
+    The "too few peers" rule: a queued peer is refused with ``too_few_peers``
+    when (1) a peer of its session left for good (:class:`Farewell`) less than
+    ``leaver_memory`` seconds ago, (2) fewer than ``min_size`` peers with its
+    schema wait in the session, and (3) that has lasted ``grace`` seconds since
+    both the last leave and the oldest such peer's sign-up, where ``grace`` is
+    ``queue_wait`` (or :data:`DEFAULT_LEAVE_GRACE` where that is 0). A federation
+    that is merely slow to start has no leaver and is never refused; peers that
+    still come within the grace (or are in a round, and sign up again at once)
+    keep the session alive. A leaver that signs up again is no longer a leaver.
+    The rule runs in :meth:`tick`; all peers of the short schema are refused at once.
     """
 
     def __init__(
@@ -233,6 +258,7 @@ class SchedulerState:
         max_elements: int = DEFAULT_MAX_ELEMENTS,
         max_schema_bytes: int = DEFAULT_MAX_SCHEMA_BYTES,
         schema_fingerprint: str | None = None,
+        leaver_memory: float = DEFAULT_LEAVER_MEMORY,
     ) -> None:
         validate_tree_params(target_size, group_size, num_actors)
         min_size = target_size if min_size is None else min_size
@@ -266,6 +292,8 @@ class SchedulerState:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name} must be an int >= 1, got {value!r}")
+        if not (isinstance(leaver_memory, (int, float)) and 0 < leaver_memory < float("inf")):
+            raise ConfigurationError(f"leaver_memory must be > 0 seconds, got {leaver_memory!r}")
         if roster is not None and insecure:
             raise ConfigurationError(
                 "a roster needs authenticated keys: it cannot be used with insecure=True"
@@ -297,6 +325,9 @@ class SchedulerState:
         self.max_elements = max_elements
         self.max_schema_bytes = max_schema_bytes
         self.schema_fingerprint = schema_fingerprint
+        self.leaver_memory = float(leaver_memory)
+        #: Recent leavers for good per session: (peer id, when), newest last, bounded.
+        self.leavers: dict[str, deque[tuple[str, float]]] = {}
         self.sessions: dict[str, _Session] = {}
         #: Distinct schemas of the queued peers, by SHA-256 of their packed form.
         self.schemas: dict[str, HeldSchema] = {}
@@ -327,6 +358,7 @@ class SchedulerState:
             Heartbeat: self._heartbeat,
             Done: self._done,
             Leave: self._leave,
+            Farewell: self._farewell,
             Abort: self._peer_abort,
         }.get(type(message))
         if handler is None:
@@ -373,7 +405,55 @@ class SchedulerState:
                 for schema in self._groups_of(session, self.min_size):
                     oldest = min(w.joined for w in session.queue.values() if w.schema == schema)
                     due.append(oldest + self.queue_wait)
+        due += [t for _, _, t in self._too_few_due()]
         return min(due, default=None)
+
+    @property
+    def leave_grace(self) -> float:
+        """Seconds the "too few peers" rule waits (see the class docstring)."""
+        return self.queue_wait if self.queue_wait > 0 else DEFAULT_LEAVE_GRACE
+
+    def _too_few_due(self) -> list[tuple[str, str, float]]:
+        """(session, schema, when) for each schema group short of ``min_size`` after a leave."""
+        now = self._clock()
+        out = []
+        for name, left in self.leavers.items():
+            session = self.sessions.get(name)
+            if session is None or not left or now >= left[-1][1] + self.leaver_memory:
+                continue
+            for schema, n in session.per_schema.items():
+                if n >= self.min_size:
+                    continue
+                oldest = min(w.joined for w in session.queue.values() if w.schema == schema)
+                out.append((name, schema, max(left[-1][1], oldest) + self.leave_grace))
+        return out
+
+    def _too_few(self, now: float) -> list[Outgoing]:
+        """Refuse the peers of every schema group that the rule finds short."""
+        out: list[Outgoing] = []
+        due = self._too_few_due()
+        # Counts as they were before anyone is refused: each group hears of the others.
+        counts = {name: dict(self.sessions[name].per_schema) for name, _, _ in due}
+        for name, schema, when in due:
+            session = self.sessions.get(name)
+            if now < when or session is None or schema not in session.per_schema:
+                continue
+            mine = counts[name][schema]
+            others = sum(n for d, n in counts[name].items() if d != schema)
+            left = ", ".join(pid for pid, _ in self.leavers[name])
+            reason = (
+                f"too few peers remain in session {name!r}: {mine} wait with your model "
+                f"(schema {self.schemas[schema].fingerprint}), a round needs at least "
+                f"{self.min_size}, and {left} left for good"
+            )
+            if others:
+                reason += f"; {others} wait with a different model schema"
+            log.warning("session %r: %s", name, reason)
+            reason = safe_text(reason, MAX_REASON_LEN)
+            for pid in [p for p, w in session.queue.items() if w.schema == schema]:
+                w = self._drop(name, session, pid)
+                out.append(Outgoing(w.conn, SignupRejected(name, pid, "too_few_peers", reason)))
+        return out
 
     def tick(self) -> list[Outgoing]:
         """Abort overdue rounds and rounds with a silent member, drop silent queued
@@ -395,6 +475,11 @@ class SchedulerState:
                         f"member {', '.join(silent)} silent for more than {live:g} s "
                         "(dead, stopped or cut off)",
                     )
+        for name in [
+            n for n, left in self.leavers.items() if now >= left[-1][1] + self.leaver_memory
+        ]:
+            del self.leavers[name]
+        out += self._too_few(now)
         for name, session in list(self.sessions.items()):
             self._expire_queued(name, session, now)
             if self.min_size >= self.target_size:
@@ -487,7 +572,18 @@ class SchedulerState:
         waiting = session.queue.get(msg.peer_id) if session else None
         if waiting is not None and waiting.conn == conn:
             waiting.seen = now
-            return []
+            assert session is not None  # noqa: S101 - waiting is in it
+            mine = session.per_schema[waiting.schema]
+            status = WaitingStatus(
+                msg.session,
+                msg.peer_id,
+                mine,
+                len(session.queue) - mine,
+                self.target_size,
+                self.min_size,
+                [pid for pid, _ in self.leavers.get(msg.session, ())],
+            )
+            return [Outgoing(conn, status)]
         if msg.round_id is not None:
             # A round we no longer follow (finished, aborted, or before a restart): the
             # peer has its Abort or its result, or finishes without us.
@@ -529,15 +625,17 @@ class SchedulerState:
             if elements == 0:
                 return self._refuse(conn, msg, "bad_schema", "bad schema: no elements")
             fingerprint = schema.fingerprint()
-            del schema  # only the packed form is kept
         else:
             fingerprint = held.fingerprint
+            schema = None
         if self.schema_fingerprint is not None and fingerprint != self.schema_fingerprint:
             reason = (
                 f"this scheduler accepts only models with schema fingerprint "
                 f"{self.schema_fingerprint}; yours is {fingerprint}"
+                f"{self._pinned_difference(schema)}"
             )
             return self._refuse(conn, msg, "schema_mismatch", reason)
+        del schema  # only the packed form is kept
         if msg.round_key and not is_z85_key(msg.round_key):
             return self._refuse(conn, msg, "bad_key", "the round key is not a valid Z85 public key")
         tensors = len(msg.schema)
@@ -605,6 +703,13 @@ class SchedulerState:
         )
         session.per_schema[digest] = session.per_schema.get(digest, 0) + 1
         self.queued_total += 1
+        left = self.leavers.get(msg.session)
+        if left is not None and any(pid == msg.peer_id for pid, _ in left):
+            kept = [e for e in left if e[0] != msg.peer_id]  # it is back: no longer a leaver
+            left.clear()
+            left.extend(kept)
+            if not left:
+                del self.leavers[msg.session]
         if key is not None:
             self.key_ids.setdefault(key, set()).add((msg.session, msg.peer_id))
         mine = session.per_schema[digest]
@@ -630,6 +735,7 @@ class SchedulerState:
         )
         ack = SignupAck(msg.session, msg.peer_id, mine, safe_text(note, MAX_REASON_LEN))
         out.append(Outgoing(conn, ack))
+        out += self._tell_minorities(msg.session, session, digest)
         self._expire_queued(msg.session, session, now)
         while (
             msg.session in self.sessions
@@ -637,6 +743,47 @@ class SchedulerState:
         ):
             out += self._form_round(msg.session, self.sessions[msg.session], digest)
         return out
+
+    def _tell_minorities(self, name: str, session: _Session, digest: str) -> list[Outgoing]:
+        """Tell the peers of smaller schema groups at once that a bigger group waits.
+
+        A peer whose model differs from that of most peers waiting in its session
+        learns it when they sign up, not at its next heartbeat. Bounded: only
+        groups below ``min_size``, at most :data:`MAX_MINORITY_PUSHES` messages.
+        """
+        bigger = session.per_schema[digest]
+        short = {d for d, n in session.per_schema.items() if n < bigger and n < self.min_size}
+        out: list[Outgoing] = []
+        if not short:
+            return out
+        left = [pid for pid, _ in self.leavers.get(name, ())]
+        for w in session.queue.values():
+            if w.schema in short and len(out) < MAX_MINORITY_PUSHES:
+                mine = session.per_schema[w.schema]
+                status = WaitingStatus(
+                    name,
+                    w.peer_id,
+                    mine,
+                    len(session.queue) - mine,
+                    self.target_size,
+                    self.min_size,
+                    left,
+                )
+                out.append(Outgoing(w.conn, status))
+        return out
+
+    def _pinned_difference(self, schema: Schema | None) -> str:
+        """``": <how schema differs from the pinned one>"`` where a queued peer holds the
+        pinned schema and both are small (the pin itself is only a fingerprint), else ``""``."""
+        if schema is None:
+            return ""
+        pinned = next(
+            (h for h in self.schemas.values() if h.fingerprint == self.schema_fingerprint), None
+        )
+        if pinned is None or len(pinned.packed) > 64 * 1024 or len(schema.tensors) > 4096:
+            return ""
+        diff = pinned.schema().difference(schema)
+        return "" if diff is None else f" ({diff})"
 
     def _difference(self, reference: str, other: str) -> str:
         """``": <how other differs from reference>"`` for small schemas, else ``""``.
@@ -758,6 +905,27 @@ class SchedulerState:
             )
         self._drop(msg.session, session, msg.peer_id)
         log.info("peer %s left session %r", msg.peer_id, msg.session)
+        return []
+
+    def _farewell(self, conn: bytes, msg: Farewell) -> list[Outgoing]:
+        """A peer leaves for good: out of the queue at once, and remembered as a leaver."""
+        session = self.sessions.get(msg.session)
+        waiting = session.queue.get(msg.peer_id) if session else None
+        if waiting is not None:
+            if waiting.conn != conn:
+                raise RemoteProtocolError(f"Farewell for {msg.peer_id} from another connection")
+            self._drop(msg.session, session, msg.peer_id)  # type: ignore[arg-type]
+        left = self.leavers.pop(msg.session, None)
+        if left is None:
+            left = deque(maxlen=MAX_LEFT_IDS)
+            while len(self.leavers) >= MAX_LEAVER_SESSIONS:
+                del self.leavers[next(iter(self.leavers))]
+        self.leavers[msg.session] = left  # newest session last
+        known = [e for e in left if e[0] != msg.peer_id]
+        left.clear()
+        left.extend(known)
+        left.append((msg.peer_id, self._clock()))
+        log.info("peer %s left session %r for good", msg.peer_id, msg.session)
         return []
 
     def _peer_abort(self, conn: bytes, msg: Abort) -> list[Outgoing]:

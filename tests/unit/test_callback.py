@@ -75,6 +75,14 @@ class FakePeer:
     def stop(self) -> None:
         self.stopped += 1
 
+    def close(self) -> None:  # leaves for good, then stops (as Peer.close)
+        self.closed = getattr(self, "closed", 0) + 1
+        self.stop()
+
+    @property
+    def waiting_status(self) -> None:
+        return None
+
     def preflight(self, timeout: float = 10.0) -> float:
         self.preflights = getattr(self, "preflights", 0) + 1
         return 0.0
@@ -312,7 +320,7 @@ def test_peer_started_in_setup_and_stopped_in_teardown(tmp_path):
     cb = FakeCallback(address=0, scheduler_key=key)
     _train(tmp_path, [cb], max_epochs=1)
     (peer,) = FakePeer.instances
-    assert (peer.started, peer.stopped) == (1, 1)
+    assert (peer.started, peer.stopped, peer.closed) == (1, 1, 1)  # it left for good
     assert peer.kwargs["scheduler_key"] == key
     assert cb.peer is None
     cb.teardown(None, None, "fit")  # idempotent
@@ -774,3 +782,18 @@ def test_roster_and_keys_are_checked_when_the_callback_is_built(tmp_path):
         SecureAggregationCallback(scheduler_key=sched.public, roster=roster)
     with pytest.raises(SecureAggregationMisconfigurationError, match="keys must be"):
         SecureAggregationCallback(scheduler_key=sched.public, keys=42)
+
+
+def test_too_few_peers_is_not_retried_and_keep_local_goes_on(tmp_path):
+    """Issue 22: the "too few peers" error is handled by on_failure, never retried."""
+    from lightning_secagg import TooFewPeersError
+
+    cb = _failing([TooFewPeersError("p2 left for good")])(on_failure="retry", max_retries=3)
+    with pytest.raises(TooFewPeersError, match="p2 left"):
+        _train(tmp_path, [cb], max_epochs=1)
+    assert len(FakePeer.instances[0].calls) == 1  # one attempt, no retry
+    FakePeer.instances.clear()
+    cb = _failing([TooFewPeersError("p2 left for good")])(on_failure="keep_local")
+    with pytest.warns(RuntimeWarning, match="keeping the local weights"):
+        _train(tmp_path, [cb], max_epochs=2)
+    assert (cb.rounds_completed, cb.rounds_failed) == (1, 1)

@@ -24,6 +24,7 @@ from lightning_secagg.messages import (
     Abort,
     Assignment,
     Done,
+    Farewell,
     HeaderError,
     Heartbeat,
     Leave,
@@ -35,6 +36,7 @@ from lightning_secagg.messages import (
     Signup,
     SignupAck,
     SignupRejected,
+    WaitingStatus,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -77,6 +79,8 @@ SAMPLES: list[Message] = [
     Heartbeat("sess", "peer-1", None),
     Heartbeat("sess", "peer-1", "r1"),
     Rejoin("sess", "peer-1"),
+    Farewell("sess", "peer-1"),
+    WaitingStatus("sess", "peer-1", 2, 1, 3, 3, ["peer-3"]),
     Done("r1", "peer-1", 1.25, 100, 2**40),
     Abort("r1", "scheduler", "round deadline passed"),
     Share("r1", 0, 3, "peer-1", SEED),

@@ -179,3 +179,37 @@ def test_the_tree_figure_script_runs(tmp_path):
     assert script["main"](["--target-size", "7", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (DOCS / "_static" / "tree.png").is_file(), "the committed figure is missing"
+
+
+def test_waiting_errors_are_quoted():
+    """Issue 22: a finished peer (too few peers) and a pinned schema's difference."""
+    import itertools
+    import random
+
+    from lightning_secagg.messages import Farewell, SignupRejected
+    from lightning_secagg.protocol.scheduler_state import SchedulerState
+    from lightning_secagg.schema import Schema
+    from tests.unit.test_peer_session import begun
+    from tests.unit.test_scheduler_state import SCHEMA, Clock, conn, signup
+
+    clock = Clock()
+    ids = itertools.count()
+    state = SchedulerState(
+        3, 3, 2, queue_wait=2.0, clock=clock, rng=random.Random(0),
+        new_round_id=lambda: f"r{next(ids)}", schema_fingerprint=SCHEMA.fingerprint(),
+    )  # fmt: skip
+    state.receive(conn(1), signup(1))
+    state.receive(conn(2), signup(2))
+    other = Schema.of({"w": torch.zeros(4), "n": torch.zeros((), dtype=torch.int64)})
+    (pinned,) = state.receive(conn(4), signup(4, schema=other))
+    assert isinstance(pinned.message, SignupRejected)
+    s = begun()
+    s.receive_scheduler(SignupRejected("s", "me", pinned.message.code, pinned.message.reason), 0.1)
+    quoted(str(s.error).replace("refused peer me", "refused peer p3"))
+    state.receive(conn(3), Farewell("s", "p3"))
+    clock.now += 2.0
+    refusal = state.tick()[0].message
+    s = begun()
+    s.receive_scheduler(SignupRejected("s", "me", refusal.code, refusal.reason), 0.1)
+    assert type(s.error).__name__ == "TooFewPeersError"
+    quoted(f"TooFewPeersError: {s.error}".split(": ", 1)[1])

@@ -65,7 +65,8 @@ def test_heartbeat_keeps_a_queued_peer_and_silence_drops_it():
     signup(state, "p0")
     signup(state, "p1")
     clock.now = 2.0
-    assert state.receive(b"p0", Heartbeat("s", "p0", None)) == []
+    (answer,) = state.receive(b"p0", Heartbeat("s", "p0", None))  # its waiting status
+    assert answer.conn == b"p0" and answer.message.waiting == 2
     assert state.next_deadline() == pytest.approx(3.0)  # p1's silence runs out first
     clock.now = 3.0
     state.tick()
