@@ -95,3 +95,10 @@ def test_strangers_duplicates_and_bad_lengths_are_refused():
     check.receive("b", b"\0" * DIGEST_BYTES)
     with pytest.raises(RemoteProtocolError, match="second"):
         check.receive("b", b"\0" * DIGEST_BYTES)
+
+
+def test_a_mismatch_is_not_retried_blindly():
+    from lightning_secagg.protocol.peer_session import is_retryable
+
+    assert not is_retryable(ResultMismatchError("differs at d", ("d",)))
+    assert is_retryable(RoundFailedError("timeout"))
