@@ -10,7 +10,7 @@ differs from ours, or that never comes, makes the round fail with
 Invariant: if two honest members hold different results, each of them
 receives the other's digest directly (authenticated by their sealed link), so
 both see the mismatch; no third party, member or scheduler, can hide it
-without breaking SHA-256/BLAKE2b collision resistance or the link's keys.
+without breaking SHA-256's collision resistance or the link's keys.
 A member that lies about its own digest can only make the check fail.
 """
 
@@ -24,7 +24,7 @@ from lightning_secagg.errors import RemoteProtocolError, ResultMismatchError
 
 #: Bytes of an agreement digest.
 DIGEST_BYTES = 32
-_PERSON = b"lsa-agree-v1"
+_DOMAIN = b"lightning_secagg/agreement/v1"
 
 
 class ResultDigest:
@@ -32,10 +32,13 @@ class ResultDigest:
 
     Segments are fed as they complete (in segment order), so hashing overlaps
     the round instead of adding a pass over the whole vector at its end.
+    SHA-256, not BLAKE2b: CPUs with SHA extensions hash it faster, and the
+    hash is one pass over the whole result on every member
+    (docs/benchmarks.md has the cost).
     """
 
     def __init__(self, round_id: str, members: Sequence[str]) -> None:
-        self._h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=_PERSON)
+        self._h = hashlib.sha256(_DOMAIN)
         self._next = 0
         self._field(round_id.encode())
         self._h.update(struct.pack(">I", len(members)))
