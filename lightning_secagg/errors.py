@@ -60,6 +60,24 @@ class InvalidTotalError(RoundFailedError):
     """
 
 
+class ResultMismatchError(RoundFailedError):
+    """Members of a round do not all hold the same result and total weight.
+
+    Raised, on every honest member, when the agreement check after decoding
+    finds a digest that differs from ours or is missing by the deadline. It
+    means some member (or a forwarding actor) changed a sum: the round's result
+    cannot be trusted. Not retried blindly by the callback: ``on_failure``
+    decides, and the culprits named in :attr:`disagreeing` should be looked at.
+
+    Attributes:
+        disagreeing: Peer ids whose digest differed from ours or never came.
+    """
+
+    def __init__(self, message: str, disagreeing: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.disagreeing = disagreeing
+
+
 class PeerIdInUseError(RoundFailedError):
     """Another key holds this peer id (queued or in a round); retry once it is released.
 

@@ -18,14 +18,22 @@ among two or more parties and whose share masks every actor's sum.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from lightning_secagg.errors import ConfigurationError
 
 MIN_GROUP_SIZE = 3
+
+#: Bytes of a member's tree nonce (drawn with :mod:`secrets`) and of its commitment.
+NONCE_BYTES = 32
+_COMMIT_DOMAIN = b"lightning_secagg/tree-commit/v1"
+_SEED_DOMAIN = b"lightning_secagg/tree-seed/v1"
+_STREAM_DOMAIN = b"lightning_secagg/tree-stream/v1"
 
 
 class ShuffleRandom(Protocol):
@@ -313,3 +321,109 @@ def check_tree(tree: AggregationTree) -> None:
             if not set(g.actors) <= set(g.participants):
                 raise ValueError(f"level {li} group {g.index} has an actor from outside")
         expected = [a for g in level for a in g.actors]
+
+
+# -- joint randomness: a tree nobody chooses ------------------------------------------
+
+
+def new_tree_nonce() -> bytes:
+    """A fresh member nonce for one sign-up (``NONCE_BYTES`` from :mod:`secrets`)."""
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+def commit_nonce(nonce: bytes) -> bytes:
+    """The commitment a member sends at sign-up: a domain-separated SHA-256 of its nonce.
+
+    Why a hash: it binds the member to its nonce (collision resistance) and hides
+    it (the nonce has 256 random bits), so nobody can choose a nonce after seeing
+    the others' commitments.
+    """
+    return hashlib.sha256(_COMMIT_DOMAIN + nonce).digest()
+
+
+def reveal_matches(commitment: bytes, nonce: bytes) -> bool:
+    """Whether ``nonce`` is the value ``commitment`` was made to (constant-time compare)."""
+    return len(nonce) == NONCE_BYTES and hmac.compare_digest(commit_nonce(nonce), commitment)
+
+
+def tree_seed(member_ids: Sequence[str], reveals: Mapping[str, bytes]) -> bytes:
+    """The round's tree seed: a hash of every member's revealed nonce, in member order.
+
+    Invariant: as long as one member's nonce is secret and random until every
+    commitment is fixed, nobody (no member, not the scheduler) can choose the
+    seed. Each entry is length-prefixed, so no two member lists and reveal sets
+    encode to the same hash input.
+
+    Raises:
+        ConfigurationError: a member has no reveal, or a reveal has the wrong length.
+    """
+    h = hashlib.sha256(_SEED_DOMAIN)
+    for pid in member_ids:
+        nonce = reveals.get(pid)
+        if nonce is None or len(nonce) != NONCE_BYTES:
+            raise ConfigurationError(f"no valid tree nonce revealed by member {pid!r}")
+        raw = pid.encode()
+        h.update(len(raw).to_bytes(4, "big") + raw + nonce)
+    return h.digest()
+
+
+class SeededShuffle:
+    """A deterministic :class:`ShuffleRandom` drawn from a seed (SHA-256 in counter mode).
+
+    Why not :class:`random.Random`: its shuffle and sample algorithms are not
+    promised across Python versions, and every member must rebuild the very same
+    tree. Integers below ``n`` are drawn by rejection sampling, so they are exactly
+    uniform; the stream is fixed by this code alone.
+    """
+
+    def __init__(self, seed: bytes) -> None:
+        self._seed = seed
+        self._counter = 0
+        self._buf = b""
+
+    def _bytes(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            block = self._counter.to_bytes(8, "big")
+            self._buf += hashlib.sha256(_STREAM_DOMAIN + self._seed + block).digest()
+            self._counter += 1
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def below(self, n: int) -> int:
+        """A uniform integer in ``[0, n)``; ``n`` must be positive."""
+        if n <= 0:
+            raise ConfigurationError(f"below() needs n > 0, got {n}")
+        bits = (n - 1).bit_length()
+        nbytes = max(1, (bits + 7) // 8)
+        mask = (1 << bits) - 1
+        while True:
+            r = int.from_bytes(self._bytes(nbytes), "big") & mask
+            if r < n:
+                return r
+
+    def shuffle(self, x: list[str]) -> None:
+        """Fisher-Yates, in place."""
+        for i in range(len(x) - 1, 0, -1):
+            j = self.below(i + 1)
+            x[i], x[j] = x[j], x[i]
+
+    def sample(self, population: Sequence[str], k: int) -> list[str]:
+        """``k`` distinct items, in draw order (a partial Fisher-Yates on a copy)."""
+        pool = list(population)
+        if not 0 <= k <= len(pool):
+            raise ConfigurationError(f"cannot sample {k} of {len(pool)}")
+        for i in range(k):
+            j = i + self.below(len(pool) - i)
+            pool[i], pool[j] = pool[j], pool[i]
+        return pool[:k]
+
+
+def build_seeded_tree(
+    peer_ids: Sequence[str], group_size: int, num_actors: int, seed: bytes
+) -> AggregationTree:
+    """The tree every member rebuilds from the member list and the joint seed.
+
+    The one construction used by the scheduler-less rebuild: members compare the
+    assignment's tree with this one and refuse the round if they differ.
+    """
+    return build_tree(peer_ids, group_size, num_actors, SeededShuffle(seed))

@@ -53,6 +53,7 @@ from lightning_secagg.errors import (
     LocalProtocolError,
     PeerIdInUseError,
     RemoteProtocolError,
+    ResultMismatchError,
     RoundAbortedError,
     RoundFailedError,
     RoundTimeoutError,
@@ -114,10 +115,16 @@ def is_retryable(exc: BaseException) -> bool:
     """Whether a new round may succeed where this error ended one (timeouts, aborts,
     unreachable members); a refused sign-up would be refused again.
 
+    A :class:`ResultMismatchError` is not retried either: some member changed a
+    sum, and a blind retry would hand it (or a scheduler grinding for a round it
+    likes) another try; ``on_failure`` decides what happens next.
+
     The one rule every retry loop uses: the session's own, and through it the
     peer's and the callback's.
     """
-    return isinstance(exc, RoundFailedError) and not isinstance(exc, SignupRejectedError)
+    return isinstance(exc, RoundFailedError) and not isinstance(
+        exc, SignupRejectedError | ResultMismatchError
+    )
 
 
 def describe_waiting(status: WaitingStatus) -> str:

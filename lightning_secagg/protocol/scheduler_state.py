@@ -208,7 +208,8 @@ class SchedulerState:
         deadline_policy: How a derived ``round_timeout`` scales.
         clock: Monotonic seconds.
         insecure: Links are plaintext; said loudly in the log of every round.
-        rng: Shuffle randomness for the tree (a CSPRNG in production).
+        rng: Randomness for the tree and for choosing members when more peers wait
+            than a round takes (a CSPRNG in production).
         new_round_id: Round id factory.
         roster: Only these keys may sign up (admission control); None admits
             any key, which is logged once per round. Replace it with
@@ -809,7 +810,14 @@ class SchedulerState:
         return None
 
     def _form_round(self, name: str, session: _Session, digest: str) -> list[Outgoing]:
-        pids = [p for p, w in session.queue.items() if w.schema == digest][: self.target_size]
+        eligible = [p for p, w in session.queue.items() if w.schema == digest]
+        if len(eligible) > self.target_size:
+            # Chosen at random, not first-in-first-out: whoever signs up first (or
+            # times sign-ups around a victim's) cannot decide who shares its round.
+            # Members stay in arrival order, so the member list itself says nothing.
+            picked = set(self._rng.sample(eligible, self.target_size))
+            eligible = [p for p in eligible if p in picked]
+        pids = eligible
         held = self.schemas[digest]
         schema = held.schema()
         chosen = [self._drop(name, session, pid) for pid in pids]

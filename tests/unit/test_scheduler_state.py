@@ -526,3 +526,23 @@ def test_format_tree():
     assert text.count("L0:") == 1 and text.count("L1:") == 1
     for pid in "abcdef":
         assert pid in text
+
+
+def test_members_are_drawn_at_random_not_first_in_first_out():
+    """With more compatible peers waiting than a round takes, the first comers do not
+    decide the round: over seeds, the first round is not always the earliest three."""
+    firsts = set()
+    for seed in range(12):
+        state, _ = make_state(target=6)
+        state._rng = random.Random(seed)
+        sign_up_many(state, range(5))
+        state.target_size = 3  # now more wait than a round takes
+        out = state.receive(conn(5), signup(5))
+        rounds = [m for _, m in messages(out, Assignment)]
+        assert len({r.round_id for r in rounds}) == 2
+        first = min(rounds, key=lambda r: r.round_id)
+        members = tuple(m[0] for m in first.members)
+        assert len(members) == 3
+        assert list(members) == sorted(members, key=lambda p: int(p[1:]))  # arrival order
+        firsts.add(members)
+    assert len(firsts) > 3
