@@ -24,7 +24,7 @@ import hashlib
 import logging
 import secrets
 from array import array
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +74,8 @@ DEFAULT_LEAVE_GRACE = 5.0
 MAX_MINORITY_PUSHES = 16
 #: Sessions whose recent leavers are remembered (the oldest is forgotten first).
 MAX_LEAVER_SESSIONS = 1024
+#: Sign-ups whose connection is remembered for a later Farewell (oldest dropped first).
+MAX_SIGNED_UP = 65536
 
 
 def schema_elements(entries: Sequence[Any], limit: int) -> int:
@@ -329,6 +331,10 @@ class SchedulerState:
         self.leaver_memory = float(leaver_memory)
         #: Recent leavers for good per session: (peer id, when), newest last, bounded.
         self.leavers: dict[str, deque[tuple[str, float]]] = {}
+        #: The connection of each (session, peer id)'s latest sign-up, oldest first,
+        #: at most ``MAX_SIGNED_UP`` entries: a Farewell counts only from the
+        #: connection that signed that id up, so nobody can say that another peer left.
+        self._signed_up: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self.sessions: dict[str, _Session] = {}
         #: Distinct schemas of the queued peers, by SHA-256 of their packed form.
         self.schemas: dict[str, HeldSchema] = {}
@@ -704,6 +710,10 @@ class SchedulerState:
         )
         session.per_schema[digest] = session.per_schema.get(digest, 0) + 1
         self.queued_total += 1
+        self._signed_up.pop((msg.session, msg.peer_id), None)
+        self._signed_up[(msg.session, msg.peer_id)] = conn
+        while len(self._signed_up) > MAX_SIGNED_UP:
+            self._signed_up.popitem(last=False)
         left = self.leavers.get(msg.session)
         if left is not None and any(pid == msg.peer_id for pid, _ in left):
             kept = [e for e in left if e[0] != msg.peer_id]  # it is back: no longer a leaver
@@ -919,9 +929,12 @@ class SchedulerState:
         """A peer leaves for good: out of the queue at once, and remembered as a leaver."""
         session = self.sessions.get(msg.session)
         waiting = session.queue.get(msg.peer_id) if session else None
+        if self._signed_up.get((msg.session, msg.peer_id)) != conn:
+            # Only the connection that signed this id up may say it left: otherwise
+            # anyone could drop a waiting peer or make a short group give up early.
+            raise RemoteProtocolError(f"Farewell for {msg.peer_id} from another connection")
+        del self._signed_up[(msg.session, msg.peer_id)]
         if waiting is not None:
-            if waiting.conn != conn:
-                raise RemoteProtocolError(f"Farewell for {msg.peer_id} from another connection")
             self._drop(msg.session, session, msg.peer_id)  # type: ignore[arg-type]
         left = self.leavers.pop(msg.session, None)
         if left is None:

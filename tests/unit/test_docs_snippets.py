@@ -206,6 +206,7 @@ def test_waiting_errors_are_quoted():
     s = begun()
     s.receive_scheduler(SignupRejected("s", "me", pinned.message.code, pinned.message.reason), 0.1)
     quoted(str(s.error).replace("refused peer me", "refused peer p3"))
+    state._signed_up[("s", "p3")] = conn(3)  # p3 signed up earlier; its round is over
     state.receive(conn(3), Farewell("s", "p3"))
     clock.now += 2.0
     refusal = state.tick()[0].message

@@ -53,6 +53,23 @@ def make(min_size: int = 3, target: int = 3, queue_wait: float = 2.0, **kw):
     return state, clock
 
 
+def leave(state, c: bytes, pid: str, session: str = "s"):
+    """A peer that signed up from ``c`` earlier (its round since finished) leaves for good."""
+    state._signed_up[(session, pid)] = c
+    return state.receive(c, Farewell(session, pid))
+
+
+def test_nobody_can_say_that_another_peer_left():
+    state, clock = make()
+    state.receive(conn(1), signup(1))
+    state.receive(conn(2), signup(2))
+    for c, pid in [(conn(7), "p3"), (conn(7), "p1"), (conn(2), "p1")]:
+        with pytest.raises(RemoteProtocolError, match="another connection"):
+            state.receive(c, Farewell("s", pid))
+    clock.now += 100.0
+    assert refused(state.tick()) == {} and state.leavers == {} and state.queued("s") == 2
+
+
 def refused(out) -> dict[bytes, SignupRejected]:
     return {c: m for c, m in messages(out, SignupRejected)}
 
@@ -64,7 +81,7 @@ def test_a_finished_peer_leaves_the_others_told_too_few_within_the_queue_wait():
     clock.now += 30.0  # slow to start: no leaver, nobody is refused however long
     assert refused(state.tick()) == {}
     left_at = clock.now
-    assert state.receive(conn(3), Farewell("s", "p3")) == []
+    assert leave(state, conn(3), "p3") == []
     assert state.next_deadline() == pytest.approx(left_at + 2.0)
     clock.now = left_at + 1.99
     assert refused(state.tick()) == {}
@@ -90,7 +107,7 @@ def test_a_slow_federation_without_a_leaver_is_never_refused():
 def test_peers_that_still_come_within_the_grace_keep_the_session():
     state, clock = make()
     state.receive(conn(1), signup(1))
-    state.receive(conn(9), Farewell("s", "p9"))
+    leave(state, conn(9), "p9")
     clock.now += 1.0
     state.receive(conn(2), signup(2))
     out = state.receive(conn(3), signup(3))
@@ -100,7 +117,7 @@ def test_peers_that_still_come_within_the_grace_keep_the_session():
 def test_a_leaver_that_signs_up_again_is_no_leaver():
     state, clock = make()
     state.receive(conn(1), signup(1))
-    state.receive(conn(3), Farewell("s", "p3"))
+    leave(state, conn(3), "p3")
     state.receive(conn(3), signup(3))
     clock.now += 100.0
     assert refused(state.tick()) == {}
@@ -110,7 +127,7 @@ def test_a_leaver_that_signs_up_again_is_no_leaver():
 def test_the_grace_counts_from_the_oldest_sign_up_too():
     # A leave long ago, and a peer that signs up now: it gets its own grace.
     state, clock = make()
-    state.receive(conn(9), Farewell("s", "p9"))
+    leave(state, conn(9), "p9")
     clock.now += 100.0
     state.receive(conn(1), signup(1))
     clock.now += 1.9
@@ -121,7 +138,7 @@ def test_the_grace_counts_from_the_oldest_sign_up_too():
 
 def test_a_leave_is_forgotten_after_leaver_memory():
     state, clock = make(leaver_memory=50.0)
-    state.receive(conn(9), Farewell("s", "p9"))
+    leave(state, conn(9), "p9")
     clock.now += 50.0
     state.tick()
     assert state.leavers == {}
@@ -133,7 +150,7 @@ def test_a_leave_is_forgotten_after_leaver_memory():
 def test_without_a_queue_wait_the_grace_is_the_default():
     state, clock = make(min_size=3, queue_wait=0.0)
     state.receive(conn(1), signup(1))
-    state.receive(conn(9), Farewell("s", "p9"))
+    leave(state, conn(9), "p9")
     assert state.next_deadline() == pytest.approx(clock.now + DEFAULT_LEAVE_GRACE)
 
 
@@ -151,7 +168,7 @@ def test_a_queued_peer_that_leaves_for_good_is_dropped_at_once():
 def test_the_other_schema_is_counted_and_only_the_short_group_is_refused():
     state, clock = make()
     state.receive(conn(1), signup(1, schema=OTHER))
-    state.receive(conn(9), Farewell("s", "p9"))
+    leave(state, conn(9), "p9")
     clock.now += 2.0
     out = refused(state.tick())
     assert set(out) == {conn(1)}
@@ -172,7 +189,7 @@ def test_leavers_are_bounded_and_a_heartbeat_answers_the_waiting_status():
     state.receive(conn(1), signup(1))
     state.receive(conn(2), signup(2, schema=OTHER))
     for i in range(MAX_LEFT_IDS + 5):
-        state.receive(conn(100 + i), Farewell("s", f"x{i}"))
+        leave(state, conn(100 + i), f"x{i}")
     (out,) = state.receive(conn(1), Heartbeat("s", "p1", None))
     status = out.message
     assert out.conn == conn(1) and isinstance(status, WaitingStatus)
